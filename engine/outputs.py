@@ -1,0 +1,47 @@
+"""What the engine hands back: per-step deltas and the cumulative result of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import TokenLogprobs
+
+
+@dataclass
+class RequestMetrics:
+    """Lifetime of a request in seconds (time.monotonic based)."""
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float | None
+    num_preemptions: int
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+
+@dataclass
+class RequestOutput:
+    """State of one request after a step.
+
+    ``new_token_ids`` / ``delta_text`` are what this step added (for streaming);
+    ``token_ids`` / ``text`` are everything so far. ``finish_reason`` is None until the
+    request ends, then "stop", "length" or "abort".
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    delta_text: str
+    finish_reason: str | None
+    num_cached_tokens: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    metrics: RequestMetrics | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

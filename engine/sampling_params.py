@@ -1,0 +1,105 @@
+"""Per-request sampling parameters (the offline API's and the gRPC API's semantics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter; ``field`` names it (mapped to INVALID_ARGUMENT)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"sampling.{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    temperature: 0 means greedy (argmax); > 0 scales logits before sampling.
+    top_k: keep the k most likely tokens; 0 (or -1) disables.
+    top_p: keep the smallest set whose probability mass reaches top_p; 1 disables.
+    min_p: drop tokens whose probability is below min_p * p(max); 0 disables.
+    seed: per-request seed; the same seed gives the same tokens whatever the batch.
+    repetition_penalty: HF/CTRL style, applied to tokens seen in prompt or output (> 0;
+        1 disables). presence_penalty / frequency_penalty: OpenAI style, applied to
+        tokens in the output (-2..2; 0 disables).
+    stop: strings that end generation; the matched string is excluded from the text.
+    stop_token_ids: token ids that end generation (kept in token_ids, not in text).
+    ignore_eos: keep generating past the model's EOS token.
+    max_tokens: most tokens to generate (>= 1).
+    logprobs: when set, return the sampled token's log-probability and this many top
+        alternatives (0..20). Log-probabilities are of the model's raw distribution,
+        before temperature and truncation.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    max_tokens: int = 16
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers but store tuples so params stay hashable and frozen.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, msg: str) -> SamplingParamsError:
+            return SamplingParamsError(name, msg)
+
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise bad("top_k", f"must be >= 0 (or -1 to disable), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0.0:
+            raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if self.max_tokens < 1:
+            raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_STRING_CHARS:
+                raise bad("stop", f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "token ids must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", f"must be in [0, 2^63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )

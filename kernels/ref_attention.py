@@ -1,0 +1,88 @@
+"""Torch path of paged attention (the CPU implementation and the kernels' reference).
+
+Decode sequences are batched into one SDPA call over their gathered blocks; each
+prefill chunk gets its own call. The gather indices come from the step's CpuPlan, so
+per layer this is one gather plus a few SDPA calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttentionMetadata, _plan_cpu
+
+
+def paged_attention_torch(
+    q: torch.Tensor,  # (T, Hq, D)
+    kv_cache: torch.Tensor,  # (num_blocks, 2, block_size, Hkv, D), any strides
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
+    plan = meta.cpu_plan
+    if plan is None:  # metadata built for CUDA but run on the torch path (tests)
+        starts = [0]
+        for ql in meta.query_lens_host:
+            starts.append(starts[-1] + ql)
+        bts = meta.block_tables.tolist()
+        plan = _plan_cpu(starts, meta.query_lens_host, meta.seq_lens_host, bts, meta.block_size)
+        plan.decode_rows = plan.decode_rows.to(q.device)
+        plan.decode_block_tables = plan.decode_block_tables.to(q.device)
+        plan.decode_mask = plan.decode_mask.to(q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    _, _, bs, hkv, d = kv_cache.shape
+    gqa = q.shape[1] != hkv
+    if plan.decode_rows.numel():
+        bd, nb = plan.decode_block_tables.shape
+        # Gather K and V separately so each comes out contiguous and the reshape is a view.
+        k = kv_cache[:, 0][plan.decode_block_tables].view(bd, nb * bs, hkv, d)  # (Bd, Lk, Hkv, D)
+        v = kv_cache[:, 1][plan.decode_block_tables].view(bd, nb * bs, hkv, d)
+        qd = q[plan.decode_rows].unsqueeze(2)  # (Bd, Hq, 1, D)
+        o = F.scaled_dot_product_attention(
+            qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask, scale=scale,
+            enable_gqa=gqa,
+        )
+        out[plan.decode_rows] = o.squeeze(2)
+    for start, ql, ids, sl, causal in plan.prefills:
+        ids = ids.to(q.device)
+        k = kv_cache[:, 0][ids].view(-1, hkv, d)[:sl].transpose(0, 1)  # (Hkv, sl, D)
+        v = kv_cache[:, 1][ids].view(-1, hkv, d)[:sl].transpose(0, 1)
+        qp = q[start : start + ql].transpose(0, 1)  # (Hq, ql, D)
+        if causal is None:
+            o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=causal.to(q.device),
+                                               scale=scale, enable_gqa=gqa)
+        out[start : start + ql] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention_naive(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Slow, obviously correct reference: explicit softmax per sequence, fp32 maths."""
+    out = torch.empty_like(q)
+    bs = kv_cache.shape[2]
+    hq, hkv = q.shape[1], kv_cache.shape[3]
+    starts = meta.query_start_loc.tolist()
+    bts = meta.block_tables.tolist()
+    for b, (ql, sl) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
+        slots = [bts[b][p // bs] * bs + p % bs for p in range(sl)]
+        flat = kv_cache.reshape(-1, *kv_cache.shape[1:])  # keep (blk, 2, bs, H, D)
+        k = torch.stack([flat[s // bs, 0, s % bs] for s in slots]).float()  # (sl, Hkv, D)
+        v = torch.stack([flat[s // bs, 1, s % bs] for s in slots]).float()
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        qs = q[starts[b] : starts[b] + ql].float()  # (ql, Hq, D)
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        qpos = torch.arange(sl - ql, sl).unsqueeze(1)
+        scores = scores.masked_fill(torch.arange(sl).unsqueeze(0) > qpos, float("-inf"))
+        o = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        out[starts[b] : starts[b] + ql] = o.to(q.dtype)
+    return out

@@ -1,0 +1,89 @@
+"""Scheduler policy with exact expectations: budgets, chunking, admission, preemption."""
+
+from __future__ import annotations
+
+from engine.block_pool import BlockPool
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+def make(num_blocks: int = 32, budget: int = 8, seats: int = 4, bs: int = 4) -> Scheduler:
+    kv = KVCacheManager(BlockPool(num_blocks), bs)
+    return Scheduler(SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget), kv)
+
+
+def req(rid: str, n: int, base: int = 0) -> Request:
+    return Request(rid, list(range(base, base + n)), SamplingParams(max_tokens=100))
+
+
+def run_step(s: Scheduler, new_token: int = 7) -> list[tuple[str, int, bool]]:
+    out = s.schedule()
+    s.update_after_step(out)
+    for c in out.chunks:
+        if c.samples:
+            c.request.append_token(new_token)
+    return [(c.request.request_id, c.num_tokens, c.samples) for c in out.chunks]
+
+
+def test_chunked_prefill_under_budget_then_decode() -> None:
+    s = make(budget=8)
+    s.add(req("a", 10, 0))
+    s.add(req("b", 3, 100))
+    assert run_step(s) == [("a", 8, False)]
+    assert run_step(s) == [("a", 2, True), ("b", 3, True)]
+    assert run_step(s) == [("a", 1, True), ("b", 1, True)]
+
+
+def test_seat_limit() -> None:
+    s = make(seats=2, budget=64)
+    for i in range(3):
+        s.add(req(f"r{i}", 2, 10 * i))
+    assert [r for r, _, _ in run_step(s)] == ["r0", "r1"]
+    assert len(s.waiting) == 1
+
+
+def test_preempts_youngest_and_recomputes_later() -> None:
+    # 4 usable blocks of 4 tokens: 8-token prompts a and b fill them after prefill.
+    s = make(num_blocks=5, budget=64, bs=4)
+    a, b = req("a", 8, 0), req("b", 8, 100)
+    s.add(a)
+    s.add(b)
+    assert run_step(s) == [("a", 8, True), ("b", 8, True)]  # 2 blocks each, 9 tokens now
+    # Next step each needs a 3rd block: a gets the pool's last one... none left -> b goes.
+    out = s.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["a"]
+    assert out.preempted == [b]
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert s.waiting[0] is b
+    assert s.kv.block_table("b") == []
+
+
+def test_abort_frees_blocks_everywhere() -> None:
+    s = make(num_blocks=9, budget=64)
+    a, b = req("a", 9, 0), req("b", 5, 50)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    free_before = s.kv.pool.num_free_blocks
+    s.abort(a)
+    assert a.status is RequestStatus.FINISHED_ABORTED
+    assert s.kv.pool.num_free_blocks == free_before + 3
+    s.abort(a)  # idempotent
+    s.abort(b)
+    assert s.kv.pool.num_free_blocks == s.kv.pool.num_usable_blocks
+    assert not s.has_work
+
+
+def test_prefix_hit_counts_cached_tokens() -> None:
+    s = make(budget=64)
+    a = req("a", 9, 0)
+    s.add(a)
+    run_step(s)
+    s.finish(a, RequestStatus.FINISHED_LENGTH)
+    b = req("b", 9, 0)
+    s.add(b)
+    assert run_step(s) == [("b", 1, True)]
+    assert b.num_cached_tokens == 8
