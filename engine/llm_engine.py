@@ -139,7 +139,9 @@ class LLMEngine:
         self.scheduler.update_after_step(sched)
         return self._postprocess(sched, sampled)
 
-    def _postprocess(self, sched: SchedulerOutput, sampled: list[SampledToken]) -> list[RequestOutput]:
+    def _postprocess(
+        self, sched: SchedulerOutput, sampled: list[SampledToken]
+    ) -> list[RequestOutput]:
         outputs = []
         it = iter(sampled)
         for chunk in sched.chunks:

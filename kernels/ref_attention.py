@@ -37,18 +37,25 @@ def paged_attention_torch(
     if plan.decode_rows.numel():
         bd, nb = plan.decode_block_tables.shape
         # Gather K and V separately so each comes out contiguous and the reshape is a view.
-        k = kv_cache[:, 0][plan.decode_block_tables].view(bd, nb * bs, hkv, d)  # (Bd, Lk, Hkv, D)
-        v = kv_cache[:, 1][plan.decode_block_tables].view(bd, nb * bs, hkv, d)
-        qd = q[plan.decode_rows].unsqueeze(2)  # (Bd, Hq, 1, D)
+        # index_select, not advanced indexing: ~8x faster on CPU for this gather.
+        flat = plan.decode_block_tables.view(-1)
+        k = kv_cache[:, 0].index_select(0, flat).view(bd, nb * bs, hkv, d)  # (Bd, Lk, Hkv, D)
+        v = kv_cache[:, 1].index_select(0, flat).view(bd, nb * bs, hkv, d)
+        all_decode = bd == q.shape[0]  # rows are 0..T-1 in order: no row gather/scatter
+        qd = (q if all_decode else q[plan.decode_rows]).unsqueeze(2)  # (Bd, Hq, 1, D)
         o = F.scaled_dot_product_attention(
             qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask, scale=scale,
             enable_gqa=gqa,
         )
-        out[plan.decode_rows] = o.squeeze(2)
+        if all_decode:
+            out.copy_(o.squeeze(2))
+        else:
+            out[plan.decode_rows] = o.squeeze(2)
     for start, ql, ids, sl, causal in plan.prefills:
         ids = ids.to(q.device)
-        k = kv_cache[:, 0][ids].view(-1, hkv, d)[:sl].transpose(0, 1)  # (Hkv, sl, D)
-        v = kv_cache[:, 1][ids].view(-1, hkv, d)[:sl].transpose(0, 1)
+        k = kv_cache[:, 0].index_select(0, ids).view(-1, hkv, d)[:sl].transpose(0, 1)
+        # (Hkv, sl, D) each
+        v = kv_cache[:, 1].index_select(0, ids).view(-1, hkv, d)[:sl].transpose(0, 1)
         qp = q[start : start + ql].transpose(0, 1)  # (Hq, ql, D)
         if causal is None:
             o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale,

@@ -20,6 +20,8 @@ def rms_norm_torch(
     if residual is not None:
         x = x + residual
         residual = x
+    if x.dtype == torch.float32:  # one fused op; bit-identical to the formula below in fp32
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype), residual
@@ -31,15 +33,20 @@ def rotary_torch(
     positions: torch.Tensor,  # (T,) int
     cos_sin: torch.Tensor,  # (max_pos, D) fp32: [cos(pos*f) | sin(pos*f)], f of size D/2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style (rotate_half) RoPE as in HF Llama; returns new tensors."""
-    cs = cos_sin[positions]  # (T, D)
+    """Neox-style (rotate_half) RoPE as in HF Llama; returns new tensors.
+
+    Written on the two halves directly (x1*cos - x2*sin | x2*cos + x1*sin): the same
+    IEEE operations as HF's ``x*cos + rotate_half(x)*sin`` without building the
+    duplicated cos/sin tables and the rotated copy.
+    """
+    cs = cos_sin.index_select(0, positions.long())  # (T, D)
     half = cs.shape[-1] // 2
-    cos = torch.cat((cs[:, :half], cs[:, :half]), -1).unsqueeze(1).to(q.dtype)  # (T, 1, D)
-    sin = torch.cat((cs[:, half:], cs[:, half:]), -1).unsqueeze(1).to(q.dtype)
+    cos = cs[:, None, :half].to(q.dtype)  # (T, 1, D/2)
+    sin = cs[:, None, half:].to(q.dtype)
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return x * cos + torch.cat((-x2, x1), -1) * sin
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
     return rot(q), rot(k)
 
