@@ -8,6 +8,7 @@ the offline LLM API and the workers drive it.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -40,9 +41,42 @@ def load_tokenizer(src: ModelSource) -> Tokenizer | None:
     return None
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for load balancing and metrics."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_usable_blocks: int
+    kv_usage: float
+    prefix_queries: int
+    prefix_hits: int
+    num_preemptions: int
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    """One model, one KV pool, one scheduler.
+
+    ``detokenize=False`` (workers): outputs carry token ids only; the router owns text.
+    ``preemption="migrate"`` (decode workers): a preempted request leaves the engine with
+    finish_reason "migrated" so the router can re-prefill it elsewhere, instead of being
+    recomputed here.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        detokenize: bool = True,
+        preemption: str = "recompute",
+    ) -> None:
+        if preemption not in ("recompute", "migrate"):
+            raise ValueError(f"preemption must be 'recompute' or 'migrate', not {preemption!r}")
         self.config = config = config or EngineConfig()
+        self.detokenize = detokenize
+        self.preemption = preemption
+        self.num_preemptions = 0
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = config.resolve_device()
@@ -64,6 +98,7 @@ class LLMEngine:
                                   config.seed)
         del sd
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished, blocks kept until release()
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         eos = set(mc.eos_token_ids)
@@ -103,23 +138,100 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        hold_blocks: bool = False,
     ) -> str:
+        """Queue a request. ``hold_blocks``: keep its KV blocks when it finishes, until
+        ``release(request_id)`` (prefill workers ship them first)."""
+        req = self._new_request(prompt, params, request_id)
+        req.hold_blocks = hold_blocks
+        self.scheduler.add(req)
+        return req.request_id
+
+    def _new_request(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None
+    ) -> Request:
         params = params or SamplingParams()
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
+        if rid in self.requests or rid in self.held:
             raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
         req = Request(rid, ids, params, self.eos_token_ids)
         self.requests[rid] = req
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize:
             self.detoks[rid] = IncrementalDetokenizer(
                 self.tokenizer, ids, params.stop, params.skip_special_tokens)
-        self.scheduler.add(req)
-        return rid
+        return req
 
-    def abort(self, request_id: str) -> RequestOutput:
-        """Cancel a request; its blocks return to the pool at once."""
+    # -- disaggregation hooks ------------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished hold_blocks request kept (after its KV shipped)."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+
+    def reserve(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+        watermark_blocks: int = 0,
+    ) -> list[int] | None:
+        """Allocate blocks for a prompt whose KV will be imported (decode workers).
+
+        Returns the block ids, or None when that would leave fewer than
+        ``watermark_blocks`` free (room kept for running requests to grow). The
+        reservation is owned by the engine until ``start_prefilled`` or ``abort``.
+        """
+        req = self._new_request(prompt_token_ids, params, request_id)
+        need = self.kv.num_blocks_needed(len(prompt_token_ids))
+        if self.pool.num_free_blocks - need < watermark_blocks or not self.kv.allocate(
+            req, len(prompt_token_ids)
+        ):
+            del self.requests[request_id]
+            self.detoks.pop(request_id, None)
+            return None
+        return list(self.kv.block_table(request_id))
+
+    def start_prefilled(
+        self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None,
+        num_cached_tokens: int = 0,
+    ) -> RequestOutput | None:
+        """Join a reserved request, whose prompt KV is now in its blocks, to the batch.
+
+        Returns a finished output if the first token already ends it, else None.
+        """
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING:
+            raise RequestNotFoundError(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_cached_tokens = num_cached_tokens
+        self.kv.cache_computed_blocks(req)
+        self.scheduler.add_running(req)
+        req.append_token(first_token, logprobs)
+        status = req.check_stop_token(self.max_model_len)
+        if status is not None:
+            self.scheduler.finish(req, status)
+            return self._finish_output(req, [first_token], "")
+        return None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.pool.num_free_blocks,
+            num_usable_blocks=self.pool.num_usable_blocks,
+            kv_usage=self.pool.usage(),
+            prefix_queries=self.pool.prefix_queries,
+            prefix_hits=self.pool.prefix_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request wherever it is (queued, running, reserved, or finished but
+        holding blocks for a transfer); its blocks return to the pool at once.
+        Returns the aborted request's output, or None if it had already finished."""
+        if request_id in self.held:
+            self.release(request_id)
+            return None
         req = self.requests.get(request_id)
         if req is None:
             raise RequestNotFoundError(request_id)
@@ -132,12 +244,23 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        migrated = self._handle_preempted(sched)
         if sched.empty:
-            return []
+            return migrated
         tables = [self.kv.block_table(c.request.request_id) for c in sched.chunks]
         sampled = self.runner.execute(sched.chunks, tables)
         self.scheduler.update_after_step(sched)
-        return self._postprocess(sched, sampled)
+        return migrated + self._postprocess(sched, sampled)
+
+    def _handle_preempted(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        self.num_preemptions += len(sched.preempted)
+        if self.preemption != "migrate":
+            return []
+        outs = []
+        for req in sched.preempted:
+            self.scheduler.migrate(req)
+            outs.append(self._finish_output(req, [], ""))
+        return outs
 
     def _postprocess(
         self, sched: SchedulerOutput, sampled: list[SampledToken]
@@ -190,4 +313,6 @@ class LLMEngine:
         out = self._output(req, new, delta)
         del self.requests[req.request_id]
         self.detoks.pop(req.request_id, None)
+        if req.hold_blocks and req.status is not RequestStatus.FINISHED_ABORTED:
+            self.held[req.request_id] = req
         return out

@@ -5,6 +5,8 @@ timestamped in one place::
 
     WAITING -> RUNNING -> FINISHED_*         (the normal path)
     RUNNING -> PREEMPTED -> RUNNING          (blocks ran out: recompute later)
+    RUNNING -> PREEMPTED -> MIGRATED         (decode workers: the router re-prefills it
+                                              elsewhere instead of recomputing here)
     any unfinished -> FINISHED_ABORTED       (client gone, error, shutdown)
 """
 
@@ -26,11 +28,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    MIGRATED = "migrated"  # left this engine to continue elsewhere; not a client finish
 
     @property
     def finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+                        RequestStatus.FINISHED_ABORTED, RequestStatus.MIGRATED)
 
 
 _ALLOWED: dict[RequestStatus, set[RequestStatus]] = {
@@ -38,7 +41,8 @@ _ALLOWED: dict[RequestStatus, set[RequestStatus]] = {
                             RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED},
     RequestStatus.RUNNING: {RequestStatus.PREEMPTED, RequestStatus.FINISHED_STOPPED,
                             RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED},
-    RequestStatus.PREEMPTED: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED},
+    RequestStatus.PREEMPTED: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED,
+                              RequestStatus.MIGRATED},
 }
 
 
@@ -89,6 +93,8 @@ class Request:
         self.logprobs: list[TokenLogprobs] = []
         self.stop_token_ids = frozenset(params.stop_token_ids)
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
+        # Prefill workers: keep the blocks after finishing until the KV transfer is done.
+        self.hold_blocks = False
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -75,9 +75,22 @@ class Scheduler:
         req.transition(RequestStatus.FINISHED_ABORTED)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a running request; its blocks are freed unless it holds them (hold_blocks),
+        in which case the owner frees them later with ``kv.free``."""
         self.running.remove(req)
-        self.kv.free(req)
+        if not req.hold_blocks:
+            self.kv.free(req)
         req.transition(status)
+
+    def add_running(self, req: Request) -> None:
+        """Join a request whose KV is already in its (allocated) blocks to the batch."""
+        req.transition(RequestStatus.RUNNING)
+        self.running.append(req)
+
+    def migrate(self, req: Request) -> None:
+        """Take a preempted request out of the queue for good (it continues elsewhere)."""
+        self.waiting.remove(req)
+        req.transition(RequestStatus.MIGRATED)
 
     @property
     def has_work(self) -> bool:

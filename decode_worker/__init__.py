@@ -1,0 +1,1 @@
+"""decode worker actor (see worker.py)."""

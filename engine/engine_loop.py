@@ -1,0 +1,101 @@
+"""Runs an LLMEngine on its own thread so an asyncio actor stays responsive.
+
+The engine is not thread-safe. Every touch of it happens on the loop thread: inside
+``step()``, or in a command submitted with ``call`` and run between two steps. Workers
+(Ray async actors) await the returned futures; step outputs go to ``on_outputs``,
+called on the loop thread (the worker hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+OutputsCallback = Callable[[list[RequestOutput]], None]
+ErrorCallback = Callable[[BaseException], None]
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_outputs: OutputsCallback,
+        on_error: ErrorCallback | None = None,
+        name: str = "engine-loop",
+    ) -> None:
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._on_error = on_error
+        self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], object], Future]] = (
+            queue.SimpleQueue())
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put((lambda _e: None, Future()))  # wake the thread
+        self._thread.join(timeout=10)
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        """Run fn(engine) on the loop thread between steps; its result or error in a Future."""
+        fut: Future[T] = Future()
+        self._commands.put((fn, fut))  # type: ignore[arg-type]
+        return fut
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            fn, fut = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as e:  # handed to the caller, not raised here
+                    fut.set_exception(e)
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._run_commands(block=not self.engine.has_unfinished())
+            if self._stopped.is_set() or not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._fail_all(e)
+                continue
+            self.steps += 1
+            if outputs:
+                self._on_outputs(outputs)
+
+    def _fail_all(self, err: Exception) -> None:
+        """A step raised: abort every request (freeing blocks) so none hangs."""
+        outs = []
+        for rid in list(self.engine.requests):
+            out = self.engine.abort(rid)
+            if out is not None:
+                outs.append(out)
+        if outs:
+            self._on_outputs(outs)
+        if self._on_error is not None:
+            self._on_error(err)

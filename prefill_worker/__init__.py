@@ -1,0 +1,1 @@
+"""prefill worker actor (see worker.py)."""

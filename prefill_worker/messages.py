@@ -1,0 +1,33 @@
+"""What a prefill worker exchanges with the router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.request import TokenLogprobs
+from engine.sampling_params import SamplingParams
+from kvtransfer import Endpoint, TransferHandle
+
+
+@dataclass
+class PrefillTask:
+    """Prefill ``token_ids``, sample the first token, ship the KV to ``dest``."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    dest: Endpoint
+    dest_block_ids: list[int]
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    first_token: int
+    logprobs: TokenLogprobs | None
+    finish_reason: str | None  # set when the first token already ends the request
+    num_cached_tokens: int  # prompt tokens served from this worker's prefix cache
+    handle: TransferHandle | None  # None when finished (no KV to ship)
+    queue_seconds: float  # arrival at the worker -> first scheduled
+    prefill_seconds: float  # first scheduled -> first token
+    transfer_seconds: float  # gathering and handing over the KV

@@ -1,0 +1,1 @@
+"""The router: owns the worker actors, routes requests, streams tokens (see core.py)."""

@@ -1,0 +1,113 @@
+"""A request as the router sees it: tokens so far, text, where it runs, lifetime events.
+
+The router owns the text: it detokenizes the token stream (stop strings included) and
+is the only place that knows everything a request has produced, which is what lets a
+migrated request continue elsewhere with prompt + tokens so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.request import TokenLogprobs
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Delta:
+    """New tokens and the text they complete (text may lag tokens at UTF-8/stop edges)."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class Final:
+    """The last stream item: why it ended, usage, and the error message if it failed."""
+
+    finish_reason: str  # stop | length | abort | error
+    usage: Usage
+    text: str = ""  # any text released at the end (held back for stop strings)
+    error: str | None = None
+
+
+@dataclass
+class Events:
+    """Lifetime timestamps (time.monotonic); metrics derive from them."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    prefill_sent: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    queue_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    transfer_seconds: float = 0.0
+    transfer_bytes: int = 0
+    migrations: int = 0
+
+
+class RouterRequest:
+    def __init__(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        detok: IncrementalDetokenizer | None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.detok = detok
+        self.generated: list[int] = []
+        self.cached_tokens = 0
+        self.worker: str | None = None  # decode/colocated worker holding it now
+        self.prefill_worker: str | None = None  # while a prefill is in flight
+        self.reserved_on: str | None = None  # decode worker holding its reservation
+        self.placements = 0  # prefill attempts + migrations, bounded
+        self.events = Events()
+        self.queue: asyncio.Queue[Delta | Final] = asyncio.Queue()
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.params.max_tokens - len(self.generated)
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_token_ids), len(self.generated), self.cached_tokens)
+
+    def add_tokens(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> bool:
+        """Record tokens and emit their text; returns True if a stop string matched."""
+        now = time.monotonic()
+        if self.events.first_token is None:
+            self.events.first_token = now
+        self.events.last_token = now
+        text, stopped, taken = "", False, 0
+        for tok in token_ids:
+            self.generated.append(tok)
+            taken += 1
+            if self.detok is not None:
+                step = self.detok.add_token(tok)
+                text += step.delta
+                if step.stopped:
+                    stopped = True
+                    break
+        self.queue.put_nowait(Delta(token_ids[:taken], text, logprobs[:taken]))
+        return stopped
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.events.finished = time.monotonic()
+        tail = self.detok.flush() if self.detok is not None and reason != "error" else ""
+        self.queue.put_nowait(Final(reason, self.usage(), tail, error))
