@@ -39,6 +39,15 @@ class WorkerHandle:
     load: PrefillLoad | None = None  # prefill workers
     stream_task: asyncio.Task[None] | None = None
     requests: set[str] = field(default_factory=set)  # decode/colocated: ids it holds
+    # Blocks reserved since the last stats report: a burst of requests must not all pick
+    # the worker whose (stale) stats looked emptiest.
+    fresh_blocks: int = 0
+
+    def est_usage(self) -> float:
+        """Estimated KV usage including reservations the stats do not show yet."""
+        if self.stats is None:
+            return 0.0
+        return self.stats.kv_usage + self.fresh_blocks / max(self.stats.num_usable_blocks, 1)
 
 
 class Cluster:

@@ -220,18 +220,21 @@ class Router:
                 live = self.cluster.live("decode")
                 if not live:
                     raise NoWorkersError("no decode worker is alive")
-                live.sort(key=lambda h: (h.stats.kv_usage if h.stats else 0.0,
-                                         h.stats.num_running if h.stats else 0))
+                live.sort(key=lambda h: (h.est_usage(), len(h.requests)))
+                est = -(-len(tokens) // self.block_size)
                 for d in live:
+                    d.fresh_blocks += est  # before awaiting, so concurrent picks spread out
                     try:
                         blocks = await d.actor.reserve.remote(rr.request_id, tokens, params)
                     except ray.exceptions.RayActorError:
-                        continue
+                        blocks = None
                     except ray.exceptions.RayTaskError as e:
+                        d.fresh_blocks -= est
                         raise RequestFailedError(f"reservation failed: {_cause(e)}") from None
                     if blocks is not None:
                         rr.reserved_on = d.worker_id
                         return d, blocks
+                    d.fresh_blocks -= est
                 if not waiting:
                     waiting = True
                     self._waiting += 1
@@ -279,7 +282,7 @@ class Router:
         live = self.cluster.live("colocated")
         if not live:
             raise NoWorkersError("no worker is alive")
-        w = min(live, key=lambda h: (h.stats.kv_usage + h.stats.num_waiting if h.stats else 0))
+        w = min(live, key=lambda h: (h.est_usage(), len(h.requests)))
         rr.worker = w.worker_id
         w.requests.add(rr.request_id)
         try:
@@ -300,6 +303,7 @@ class Router:
             async for ref in h.actor.stream.remote():
                 batch: StepBatch = await ref
                 h.stats = batch.stats
+                h.fresh_blocks = 0
                 for ev in batch.events:
                     self._on_event(h, ev)
                 async with self._room:
@@ -392,6 +396,11 @@ class Router:
     # -- introspection -------------------------------------------------------------------
     def workers(self) -> list[WorkerHandle]:
         return list(self.cluster.workers.values())
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting for KV room (what max_queue bounds); metrics and server info."""
+        return self._waiting
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None:

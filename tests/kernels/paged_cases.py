@@ -40,7 +40,7 @@ class PagedCase:
         """(torch path, naive) outputs, computed on CPU: the naive reference builds its
         masks on the CPU, so it cannot take CUDA tensors."""
         q, cache = self.q.cpu(), self.full.cpu()[:, self.layer]
-        return (paged_attention_torch(q, cache, self.cpu_meta, self.scale),
+        return (paged_attention_torch(q, cache, self.cpu_meta, self.scale, native=False),
                 paged_attention_naive(q, cache, self.cpu_meta, self.scale))
 
 

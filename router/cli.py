@@ -1,0 +1,204 @@
+"""The `pdserve` command.
+
+    pdserve serve [flags]        start Ray (or join --ray-address), the workers, the gRPC
+                                 server and the metrics endpoint; print how to query it
+    pdserve serve --demo         ... then stream a demo chat answer through the gRPC API
+                                 and keep serving (--demo-exit: stop after it)
+    pdserve generate "text" [--chat] [--max-tokens N] [--temperature T]
+                                 stream an answer from a running server
+    pdserve info                 the served model and the deployment, as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from engine.config import ConfigError
+from router import client as pdclient
+from router.config import RouterConfig
+from router.server_config import API_KEY_ENV
+from router.settings import Settings, add_serve_flags, settings_from_args
+
+log = logging.getLogger("pdserve")
+DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode "
+                                "LLM serving on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC service")
+    add_serve_flags(serve)
+    serve.add_argument("--demo", action="store_true",
+                       help="once up, send a demo chat request through the gRPC API and "
+                            "stream the answer here, then keep serving")
+    serve.add_argument("--demo-exit", action="store_true",
+                       help="like --demo, then shut down (a self-check)")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running server")
+    gen.add_argument("text", help="the prompt (or, with --chat, the user's message)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send TEXT as a user message; the model's chat template applies")
+    gen.add_argument("--system", default=None, help="with --chat: a system message first")
+    gen.add_argument("--max-tokens", type=int, default=None,
+                     help="most tokens to generate (server default: 256)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 is greedy (server default: 1)")
+    _client_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="print the served model and the deployment (JSON)")
+    _client_flags(info)
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=pdclient.DEFAULT_TARGET,
+                   help=f"server address (default: {pdclient.DEFAULT_TARGET})")
+    p.add_argument("--api-key", default=None, help=f"bearer token (default: ${API_KEY_ENV})")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="connect with TLS, trusting this CA (or self-signed certificate)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="deadline of the call")
+
+
+# -- serve ----------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(settings, demo=args.demo or args.demo_exit,
+                             keep_serving=not args.demo_exit))
+
+
+async def serve(settings: Settings, demo: bool = False, keep_serving: bool = True) -> int:
+    # Imported here: `pdserve generate/info` need neither Ray nor the router.
+    import ray
+
+    from router.service import Service, print_usage
+
+    rc = settings.router
+    init_ray(rc)
+    service = Service(rc, settings.server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    status = 0
+    try:
+        log.info("starting %s on %s", _describe(rc), rc.ray_address or "a local Ray")
+        await service.start()
+        print_usage(service)
+        if demo:
+            status = await run_demo(service.target, settings)
+        if keep_serving:
+            print("serving; Ctrl-C to stop", flush=True)
+            await stop.wait()
+    finally:
+        await service.stop()
+        ray.shutdown()
+    return status
+
+
+def init_ray(rc: RouterConfig) -> None:
+    """Join a cluster, or start Ray here with enough CPUs for the workers asked for (an
+    actor that cannot be placed would wait forever; oversubscribing a small machine is
+    the better failure for a local run)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if rc.ray_address:
+        ray.init(address=rc.ray_address, log_to_driver=True)
+        return
+    n = rc.workers if rc.mode == "colocated" else rc.prefill_workers + rc.decode_workers
+    per = rc.threads_per_worker if rc.gpus_per_worker == 0 else 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, n * per), include_dashboard=False,
+             log_to_driver=True)
+
+
+def _describe(rc: RouterConfig) -> str:
+    where = f"{rc.gpus_per_worker:g} GPU each" if rc.gpus_per_worker else "CPU"
+    shape = (f"{rc.workers} colocated worker(s)" if rc.mode == "colocated" else
+             f"{rc.prefill_workers} prefill + {rc.decode_workers} decode worker(s)")
+    return f"{shape} of {rc.engine.model} ({where})"
+
+
+async def run_demo(target: str, settings: Settings) -> int:
+    """A chat request through the real gRPC API, streamed to the terminal."""
+    s = settings.server
+    # A self-signed certificate is its own CA; a CA-issued one is trusted by the system.
+    creds = pdclient.credentials(s.tls_cert) if s.tls else None
+    channel = (grpc.aio.secure_channel(target, creds) if creds is not None
+               else grpc.aio.insecure_channel(target))
+    request = pdclient.generate_request(DEMO_QUESTION, chat=True, max_tokens=64,
+                                        temperature=0.0)
+    print(f"\ndemo> {DEMO_QUESTION}", flush=True)
+    last = None
+    try:
+        async with channel:
+            stub = pdclient.pb_grpc.GenerationStub(channel)
+            async for r in stub.Generate(request, metadata=pdclient.metadata(s.api_key)):
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                last = r
+    except grpc.aio.AioRpcError as e:
+        print(f"\ndemo failed: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print()
+    if last is not None:
+        print(pdclient.summary(last) + "\n", flush=True)
+    return 0
+
+
+# -- client commands ------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    request = pdclient.generate_request(args.text, chat=args.chat, max_tokens=args.max_tokens,
+                                        temperature=args.temperature, system=args.system)
+    with _client(args) as c:
+        pdclient.print_stream(c.generate(request))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        print('{"model": ' + pdclient.to_json(c.model_info()) + ',\n "server": '
+              + pdclient.to_json(c.server_info()) + "}")
+    return 0
+
+
+@contextlib.contextmanager
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    c = pdclient.Client(args.target, args.api_key, args.tls_ca, args.timeout)
+    try:
+        yield c
+    except grpc.RpcError as e:
+        print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        raise SystemExit(1) from None
+    finally:
+        c.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The gRPC edge's configuration: where it listens, how it secures calls, its limits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from engine.config import ConfigError
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+DEFAULT_PORT = 50051  # the customary gRPC port
+DEFAULT_METRICS_PORT = 9464  # clear of Prometheus (9090), its exporters and DCGM (9400)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One gRPC server and its Prometheus endpoint.
+
+    host: the address both listen on. Loopback by default: exposing the server is a
+        decision (use 0.0.0.0 with TLS and an API key, or behind a proxy that has them).
+    port / metrics_port: 0 picks a free port (tests); metrics_port None turns metrics off.
+    api_key: when set, every call but the health check must carry the metadata
+        "authorization: Bearer <api_key>" (health stays open for load balancers and
+        Kubernetes probes, which cannot send credentials and learn nothing from it).
+    tls_cert / tls_key: PEM files; both or neither. Metrics stay plain HTTP (scrapers
+        usually sit on the private network; put a proxy in front if not).
+    max_message_bytes: the largest request or response message accepted; a prompt of
+        the longest context as token ids is well under the default.
+    default_max_tokens: max_tokens when a request leaves it unset (capped by the
+        context left after the prompt).
+    health_interval_s: how often health is re-evaluated from worker liveness.
+    stats_interval_s: how often prefill workers' stats are polled (decode workers'
+        stats arrive with every token batch).
+    grace_period_s: on shutdown, in-flight calls get this long to finish.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+    api_key: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_bytes: int = 8 << 20
+    default_max_tokens: int = 256
+    health_interval_s: float = 0.5
+    stats_interval_s: float = 2.0
+    grace_period_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 65535:
+                raise ConfigError(f"ServerConfig.{name} must be in [0, 65535], got {v}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("ServerConfig: tls_cert and tls_key go together (both or neither)")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"ServerConfig.{name}: no such file {path!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("ServerConfig.api_key must not be empty (leave it unset instead)")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("ServerConfig.max_message_bytes must be >= 1024")
+        if self.default_max_tokens < 1:
+            raise ConfigError("ServerConfig.default_max_tokens must be >= 1")
+        for name in ("health_interval_s", "stats_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ServerConfig.{name} must be > 0")
+        if self.grace_period_s < 0:
+            raise ConfigError("ServerConfig.grace_period_s must be >= 0")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

@@ -1,0 +1,93 @@
+"""The running service: router (and its Ray workers), gRPC server, metrics, pollers.
+
+Start order is the order a request needs them: workers loaded, then the gRPC port
+opened (health already reflecting the workers), then the metrics endpoint. Stop is
+the reverse, with in-flight calls given the configured grace period.
+
+Ray is not started here: the caller does it (``pdserve serve`` or a test), so this
+works the same in-process and against a cluster (``ray.init(address=...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from router.config import RouterConfig
+from router.core import Router
+from router.metrics import Metrics, StatsPoller
+from router.server import GrpcServer
+from router.server_config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, router_config: RouterConfig, server_config: ServerConfig) -> None:
+        self.router_config = router_config
+        self.server_config = server_config
+        self.router = Router(router_config)  # tokenizer and model metadata only
+        self.metrics = Metrics(self.router)
+        self.grpc: GrpcServer | None = None
+        self.metrics_port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def port(self) -> int:
+        assert self.grpc is not None, "start() first"
+        return self.grpc.port
+
+    @property
+    def target(self) -> str:
+        """host:port a client on this machine dials."""
+        host = self.server_config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.router.start()
+        cfg = self.server_config
+        # Bind before anything slow can fail halfway: a taken port is the common error.
+        self.grpc = GrpcServer(self.router, cfg, self.metrics)
+        await self.grpc.start()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(
+            StatsPoller(self.router, cfg.stats_interval_s).run()))
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info("serving pdserve.v1.Generation on %s (metrics: %s)", self.target,
+                 self.metrics_port)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.grpc is not None:
+            await self.grpc.stop()
+        self.metrics.stop()
+        await self.router.shutdown()
+
+    def usage(self) -> str:
+        """How to reach the service, printed by ``pdserve serve``."""
+        c = self.server_config
+        flags = f" --target {self.target}"
+        flags += " --tls-ca CERT.pem" if c.tls else ""
+        flags += " --api-key KEY" if c.api_key else ""
+        grpcurl = "grpcurl" + ("" if c.tls else " -plaintext")
+        grpcurl += ' -H "authorization: Bearer KEY"' if c.api_key else ""
+        body = '{"chat": {"messages": [{"role": "user", "content": "Hello!"}]}}'
+        lines = [
+            f"pdserve is serving pdserve.v1.Generation on {self.target}",
+            f'  pdserve generate{flags} --chat "What is the capital of France?"',
+            f"  pdserve info{flags}",
+            f"  {grpcurl} -d '{body}' {self.target} pdserve.v1.Generation/Generate",
+        ]
+        if self.metrics_port is not None:
+            host = self.target.rsplit(":", 1)[0]
+            lines.append(f"  metrics: http://{host}:{self.metrics_port}/metrics")
+        return "\n".join(lines)
+
+
+def print_usage(service: Service) -> None:
+    print(service.usage(), file=sys.stdout, flush=True)

@@ -1,0 +1,158 @@
+"""`pdserve serve` settings: flags derived from RouterConfig / ServerConfig, a config
+file, and the environment, merged into the two frozen configs.
+
+Precedence, lowest first: the dataclasses' defaults < the --config file < the
+PDSERVE_API_KEY environment variable (api_key only) < flags given on the command line.
+
+The config file (JSON, or TOML when it ends in .toml) mirrors the dataclasses::
+
+    mode = "disaggregated"          # RouterConfig fields at the top level
+    prefill_workers = 2
+    model = "smollm2-135m"          # shorthand for engine.model
+    [engine.cache]                  # EngineConfig, nested as in engine/config.py
+    memory_bytes = 1073741824
+    [server]                        # ServerConfig
+    port = 50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from typing import Any, NamedTuple
+
+from engine.config import ConfigError, EngineConfig
+from engine.worker_config import KV_BACKENDS
+from router.config import RouterConfig
+from router.server_config import API_KEY_ENV, ServerConfig
+
+# Flags of `pdserve serve` (their names are a contract: scripts depend on them), each the
+# field of the same name with dashes. --model is engine.model.
+ROUTER_FLAGS: dict[str, str] = {
+    "mode": "disaggregated: prefill and decode workers; colocated: workers that do both",
+    "prefill_workers": "prefill workers (disaggregated mode)",
+    "decode_workers": "decode workers (disaggregated mode)",
+    "workers": "workers that prefill and decode (colocated mode)",
+    "gpus_per_worker": "GPUs per worker, 0 on CPU; a fraction (0.5) lets prefill and decode "
+                       "share a GPU",
+    "threads_per_worker": "torch threads (and Ray CPUs) per worker on CPU",
+    "kv_transfer": "how KV caches move: auto picks cuda-ipc on one GPU node, nccl across "
+                   "GPUs, ray on CPU",
+    "ray_address": "join an existing Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of "
+                   "starting Ray in this process",
+}
+SERVER_FLAGS: dict[str, str] = {
+    "host": "address to listen on (gRPC and metrics)",
+    "port": "gRPC port (0: any free port)",
+    "metrics_port": "Prometheus metrics port (0: any free port)",
+    "api_key": f"require 'authorization: Bearer KEY' on every call (or set {API_KEY_ENV})",
+    "tls_cert": "PEM certificate chain; serve TLS (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("disaggregated", "colocated"),
+    "kv_transfer": ("auto", *KV_BACKENDS),
+}
+
+
+class Settings(NamedTuple):
+    router: RouterConfig
+    server: ServerConfig
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """Flags default to None so that only the ones given override the config file."""
+    engine_default = EngineConfig().model
+    p.add_argument("--model", default=None,
+                   help=f"model name or path: a .gguf file, a Hugging Face directory, or "
+                        f"dummy:<preset> (default: {engine_default}, embedded)")
+    for cls, flags in ((RouterConfig, ROUTER_FLAGS), (ServerConfig, SERVER_FLAGS)):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for name, help_text in flags.items():
+            default = _default(fields[name])
+            kind = _scalar_type(hints[name])
+            metavar = {int: "N", float: "F"}.get(kind, name.split("_")[-1].upper())
+            if name.startswith("tls_"):
+                metavar = "PEM"
+            p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=kind,
+                           choices=CHOICES.get(name),
+                           metavar=None if name in CHOICES else metavar,
+                           help=help_text + (f" (default: {default})" if default is not None
+                                             else ""))
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="JSON or TOML file with RouterConfig fields, [engine] and [server]")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    data = load_config_file(args.config) if args.config else {}
+    server_data = dict(data.pop("server", {}) or {})
+    if "model" in data:
+        data.setdefault("engine", {})["model"] = data.pop("model")
+    env_key = os.environ.get(API_KEY_ENV)
+    if env_key:
+        server_data["api_key"] = env_key
+    for name in ROUTER_FLAGS:
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    for name in SERVER_FLAGS:
+        if getattr(args, name) is not None:
+            server_data[name] = getattr(args, name)
+    if args.model is not None:
+        data.setdefault("engine", {})["model"] = args.model
+    return Settings(from_dict(RouterConfig, data, "config"),
+                    from_dict(ServerConfig, server_data, "server"))
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    toml = path.endswith(".toml")
+    try:
+        data = tomllib.loads(raw.decode()) if toml else json.loads(raw)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: not valid {'TOML' if toml else 'JSON'}: {e}"
+                          ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a table/object")
+    return data
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a (nested) config dataclass; unknown keys are errors naming their path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table/object, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                          f"{cls.__name__} has {', '.join(sorted(fields))}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
+
+
+def _scalar_type(hint: Any) -> type:
+    """int | None -> int, float -> float, str | None -> str."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    t = args[0]
+    return t if t in (int, float, str) else str
