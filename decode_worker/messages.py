@@ -20,6 +20,7 @@ class WorkerStats:
     prefix_hits: int
     num_preemptions: int
     steps: int
+    busy_seconds: float = 0.0  # engine step time so far (the rest is idle or overhead)
 
 
 @dataclass

@@ -100,7 +100,8 @@ class DecodeWorker:
         s = engine.stats()
         return WorkerStats(self.worker_id, self.config.role, s.num_running, s.num_waiting,
                            s.num_free_blocks, s.num_usable_blocks, s.kv_usage,
-                           s.prefix_queries, s.prefix_hits, s.num_preemptions, self.loop.steps)
+                           s.prefix_queries, s.prefix_hits, s.num_preemptions, self.loop.steps,
+                           self.loop.busy_seconds)
 
     async def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -185,6 +186,15 @@ class DecodeWorker:
                 events += q.get_nowait()
             stats = self._last_stats if events and self._last_stats else await self.stats()
             yield StepBatch(self.worker_id, events, stats)
+
+    # -- nccl backend (two GPUs); see kvtransfer/nccl.py ----------------------------------
+    async def nccl_connect(self, peer_id: str, unique_id: tuple[int, ...]) -> None:
+        """Join a prefill worker's communicator (blocking NCCL init, off the event loop)."""
+        await asyncio.to_thread(self.receiver.connect, peer_id, unique_id)  # type: ignore[attr-defined]
+
+    def nccl_recv(self, request_id: str, peer_id: str, num_blocks: int) -> None:
+        """Post the receive for a transfer the prefill worker is about to send."""
+        self.receiver.post_recv(request_id, peer_id, num_blocks, self.spec)  # type: ignore[attr-defined]
 
     async def pool_state(self) -> dict[str, int]:
         """Block accounting read from the pool itself (tests check leaks with it)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -42,6 +43,7 @@ class EngineLoop:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.steps = 0
+        self.busy_seconds = 0.0  # time inside engine.step(): the rest is idle or overhead
 
     def start(self) -> None:
         self._thread.start()
@@ -78,6 +80,7 @@ class EngineLoop:
             self._run_commands(block=not self.engine.has_unfinished())
             if self._stopped.is_set() or not self.engine.has_unfinished():
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as e:
@@ -85,6 +88,7 @@ class EngineLoop:
                 self._fail_all(e)
                 continue
             self.steps += 1
+            self.busy_seconds += time.perf_counter() - t0
             if outputs:
                 self._on_outputs(outputs)
 

@@ -20,7 +20,7 @@ from kvtransfer.base import (
 )
 
 
-def make_sender(backend: str) -> KVSender:
+def make_sender(backend: str, worker_id: str = "prefill") -> KVSender:
     if backend == "ray":
         from kvtransfer.ray_backend import RaySender
 
@@ -32,7 +32,7 @@ def make_sender(backend: str) -> KVSender:
     if backend == "nccl":
         from kvtransfer.nccl import NcclSender
 
-        return NcclSender()
+        return NcclSender(worker_id)
     raise ValueError(f"unknown KV transfer backend {backend!r}")
 
 

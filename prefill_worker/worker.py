@@ -38,7 +38,7 @@ class PrefillWorker:
         self.config = config
         self.worker_id = config.worker_id
         self.engine = LLMEngine(config.engine, detokenize=False)
-        self.sender = make_sender(config.kv_transfer)
+        self.sender = make_sender(config.kv_transfer, config.worker_id)
         self._pending: dict[str, asyncio.Future[RequestOutput]] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.loop = EngineLoop(self.engine, self._on_outputs, name=f"{self.worker_id}-engine")
@@ -103,8 +103,7 @@ class PrefillWorker:
     def _send(self, engine: LLMEngine, task: PrefillTask) -> TransferHandle:
         """Engine thread: ship the prompt's blocks (the held ones) to the decode worker."""
         n = engine.kv.num_blocks_needed(len(task.token_ids))
-        blocks = engine.held[task.request_id]
-        src = engine.kv.block_table(blocks.request_id)[:n]
+        src = engine.kv.block_table(task.request_id)[:n]
         return self.sender.send(engine.runner.kv_cache, src, task.dest, task.dest_block_ids,
                                 task.request_id)
 
@@ -126,7 +125,7 @@ class PrefillWorker:
             return WorkerStats(self.worker_id, "prefill", s.num_running, s.num_waiting,
                                s.num_free_blocks, s.num_usable_blocks, s.kv_usage,
                                s.prefix_queries, s.prefix_hits, s.num_preemptions,
-                               self.loop.steps)
+                               self.loop.steps, self.loop.busy_seconds)
 
         return await self._call(do)
 

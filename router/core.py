@@ -202,9 +202,11 @@ class Router:
             return
         rr.worker = d.worker_id
         d.requests.add(rr.request_id)
+        t0 = asyncio.get_running_loop().time()
         try:
             await d.actor.start.remote(rr.request_id, res.first_token, res.handle,
                                        res.logprobs, rr.cached_tokens)
+            rr.events.import_seconds += asyncio.get_running_loop().time() - t0
         except ray.exceptions.RayActorError:
             return  # D died: its stream watcher migrates everything it held, this included
         except ray.exceptions.RayTaskError as e:

@@ -53,7 +53,8 @@ class Events:
     finished: float | None = None
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
-    transfer_seconds: float = 0.0
+    transfer_seconds: float = 0.0  # prefill side: gathering and handing over the KV
+    import_seconds: float = 0.0  # decode side: fetch + scatter + join, seen by the router
     transfer_bytes: int = 0
     migrations: int = 0
 
