@@ -108,7 +108,11 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
     status = 0
     try:
         log.info("starting %s on %s", _describe(rc), rc.ray_address or "a local Ray")
-        await service.start()
+        try:
+            await service.start()
+        except OSError as e:
+            print(f"pdserve serve: {e}", file=sys.stderr)
+            return 1
         print_usage(service)
         if demo:
             status = await run_demo(service.target, settings)
@@ -134,8 +138,10 @@ def init_ray(rc: RouterConfig) -> None:
         return
     n = rc.workers if rc.mode == "colocated" else rc.prefill_workers + rc.decode_workers
     per = rc.threads_per_worker if rc.gpus_per_worker == 0 else 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, n * per), include_dashboard=False,
-             log_to_driver=True)
+    # address="local": a new instance even if `ray start` left a cluster on this machine
+    # (ray.init() would join that one).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, n * per),
+             include_dashboard=False, log_to_driver=True)
 
 
 def _describe(rc: RouterConfig) -> str:

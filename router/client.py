@@ -49,10 +49,12 @@ def generate_request(text: str, chat: bool = False, max_tokens: int | None = Non
     return pb.GenerateRequest(chat=pb.Chat(messages=messages), sampling=sampling)
 
 
-def print_stream(responses: Iterable[pb.GenerateResponse], out: IO[str] = sys.stdout,
-                 err: IO[str] = sys.stderr) -> pb.GenerateResponse | None:
-    """Write text deltas as they arrive, then a summary line on ``err``; returns the last
-    message (None if the stream was empty)."""
+def print_stream(responses: Iterable[pb.GenerateResponse], out: IO[str] | None = None,
+                 err: IO[str] | None = None) -> pb.GenerateResponse | None:
+    """Write text deltas as they arrive (stdout), then a summary line (stderr); returns
+    the last message (None if the stream was empty)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     last = None
     for r in responses:
         out.write(r.text)

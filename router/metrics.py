@@ -66,6 +66,12 @@ def queue_seconds(rr: RouterRequest) -> float:
     return max(0.0, at_router) + ev.queue_seconds
 
 
+def transfer_seconds(rr: RouterRequest) -> float:
+    """The KV hand-off, both ends: the prefill worker gathering and sending it, the decode
+    worker fetching and scattering it into its blocks."""
+    return rr.events.transfer_seconds + rr.events.import_seconds
+
+
 class Metrics:
     """Owns a registry (not the global one, so several servers can live in one process)."""
 
@@ -89,7 +95,8 @@ class Metrics:
             buckets=QUEUE_BUCKETS, registry=r)
         self.transfer = Histogram(
             PREFIX + "kv_transfer_seconds",
-            "Handing one request's prompt KV cache from a prefill to a decode worker.",
+            "Moving one request's prompt KV cache from its prefill to its decode worker "
+            "(send and import).",
             buckets=TRANSFER_BUCKETS, registry=r)
         self.transfer_bytes = Counter(
             PREFIX + "kv_transfer_bytes", "KV cache bytes moved between workers.", registry=r)
@@ -117,7 +124,7 @@ class Metrics:
         if ev.first_token is not None or ev.prefill_sent is not None:
             self.queue.observe(queue_seconds(rr))
         if ev.transfer_bytes:
-            self.transfer.observe(ev.transfer_seconds)
+            self.transfer.observe(transfer_seconds(rr))
             self.transfer_bytes.inc(ev.transfer_bytes)
         self.prompt_tokens.inc(len(rr.prompt_token_ids))
         self.generation_tokens.inc(len(rr.generated))
@@ -136,7 +143,10 @@ class Metrics:
     # -- exporter --------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter (its own thread); returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"could not listen on {host}:{port} (metrics): {e.strerror}") from e
         self._http = server
         return int(server.server_port)
 

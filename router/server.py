@@ -74,13 +74,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield response
             out.code = grpc.StatusCode.OK
         except asyncio.CancelledError:
-            # The client went away or the deadline passed. Closing the router's stream
-            # (in _generate) already aborted it; abort again in case it was not started.
+            # The client went away or the deadline passed: grpc cancels this task, which
+            # closes the router's stream in _generate, which aborts the request on every
+            # worker holding it.
             out.finish_reason = "abort"
             remaining = context.time_remaining()
             out.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None
                         and remaining <= 0 else grpc.StatusCode.CANCELLED)
-            await asyncio.shield(self.router.abort(rid))
             raise
         except Exception as e:
             status = status_for(e)
@@ -150,9 +150,10 @@ class HealthReporter:
                       else health_pb2.HealthCheckResponse.NOT_SERVING)
             for name in ("", SERVICE_NAME):
                 await self.servicer.set(name, status)
-            if self.serving is not None:
-                log.warning("health: %s", "SERVING" if ok else
-                            "NOT_SERVING (a needed role has no live worker)")
+            if ok:
+                log.info("health: SERVING")
+            elif self.serving is not None:
+                log.warning("health: NOT_SERVING (a needed role has no live worker)")
             self.serving = ok
         return ok
 
@@ -186,14 +187,17 @@ class GrpcServer:
         c = self.config
         host = f"[{c.host}]" if ":" in c.host else c.host  # IPv6 literals need brackets
         address = f"{host}:{c.port}"
-        if c.tls_cert is not None and c.tls_key is not None:
-            with open(c.tls_key, "rb") as k, open(c.tls_cert, "rb") as crt:
-                creds = grpc.ssl_server_credentials([(k.read(), crt.read())])
-            port = self.server.add_secure_port(address, creds)
-        else:
-            port = self.server.add_insecure_port(address)
-        if port == 0:  # grpc reports a failed bind this way in some versions
-            raise OSError(f"could not listen on {address}")
+        try:
+            if c.tls_cert is not None and c.tls_key is not None:
+                with open(c.tls_key, "rb") as k, open(c.tls_cert, "rb") as crt:
+                    creds = grpc.ssl_server_credentials([(k.read(), crt.read())])
+                port = self.server.add_secure_port(address, creds)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            port = 0
+        if port == 0:  # older grpc versions report a failed bind this way
+            raise OSError(f"could not listen on {address} (gRPC): is the port taken?")
         return port
 
     async def start(self) -> None:

@@ -1,8 +1,8 @@
 """The running service: router (and its Ray workers), gRPC server, metrics, pollers.
 
-Start order is the order a request needs them: workers loaded, then the gRPC port
-opened (health already reflecting the workers), then the metrics endpoint. Stop is
-the reverse, with in-flight calls given the configured grace period.
+Start: the ports open first (health NOT_SERVING), then the workers load (SERVING once
+every role has one). Stop: health NOT_SERVING, in-flight calls get the configured
+grace period, then the workers go.
 
 Ray is not started here: the caller does it (``pdserve serve`` or a test), so this
 works the same in-process and against a cluster (``ray.init(address=...)``).
@@ -47,16 +47,18 @@ class Service:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def start(self) -> None:
-        await self.router.start()
+        """Ports first, workers second: a taken port fails in a second, not after the
+        workers have loaded, and while they load the service already answers (health
+        NOT_SERVING, Generate UNAVAILABLE, GetModelInfo served)."""
         cfg = self.server_config
-        # Bind before anything slow can fail halfway: a taken port is the common error.
         self.grpc = GrpcServer(self.router, cfg, self.metrics)
-        await self.grpc.start()
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(
-            StatsPoller(self.router, cfg.stats_interval_s).run()))
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        await self.grpc.start()
+        await self.router.start()
+        await self.grpc.health.update()  # SERVING now, not at the next health tick
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            StatsPoller(self.router, cfg.stats_interval_s).run()))
         log.info("serving pdserve.v1.Generation on %s (metrics: %s)", self.target,
                  self.metrics_port)
 

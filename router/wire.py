@@ -18,7 +18,7 @@ from engine.tokenizer import CHAT_ROLES
 from proto.pdserve.v1 import generation_pb2 as pb
 from router.cluster import WorkerHandle
 from router.core import Router
-from router.metrics import queue_seconds
+from router.metrics import queue_seconds, transfer_seconds
 from router.request_state import Delta, Final, RouterRequest
 
 MAX_REQUEST_ID_CHARS = 256
@@ -135,7 +135,7 @@ def timing(rr: RouterRequest) -> pb.Timing:
         e2e_latency_seconds=end - ev.arrival,
         queue_time_seconds=queue_seconds(rr),
         prefill_time_seconds=ev.prefill_seconds,
-        kv_transfer_seconds=ev.transfer_seconds,
+        kv_transfer_seconds=transfer_seconds(rr),
         kv_transfer_bytes=ev.transfer_bytes,
         migrations=ev.migrations)
 

@@ -52,6 +52,9 @@ class LiveService:
                                        daemon=True)
         self.thread.start()
         self.service = Service(router_config, server_config)
+        self.auth = AUTH  # metadata every call needs (the service has an API key)
+        self.api_key = API_KEY
+        self.max_message_bytes = server_config.max_message_bytes
         self.stopped = False
         self.run(self.service.start(), timeout=START_TIMEOUT_S)
         self.channel = grpc.insecure_channel(self.target)
@@ -74,7 +77,7 @@ class LiveService:
 
     def generate(self, request: pb.GenerateRequest, timeout: float = 120.0
                  ) -> list[pb.GenerateResponse]:
-        return list(self.stub.Generate(request, metadata=AUTH, timeout=timeout))
+        return list(self.stub.Generate(request, metadata=self.auth, timeout=timeout))
 
     def pool_states(self) -> dict[str, dict[str, int]]:
         """Block accounting read from every live worker's pool."""
@@ -113,8 +116,9 @@ _STARTED_RAY = False
 def live() -> Iterator[LiveService]:
     global _LIVE, _STARTED_RAY
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, object_store_memory=300 << 20,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", num_cpus=6, include_dashboard=False,
+                 object_store_memory=300 << 20, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
         _STARTED_RAY = True
     router_config = RouterConfig(
         mode="disaggregated", prefill_workers=1, decode_workers=1,
