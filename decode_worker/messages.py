@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.llm_engine import EngineStats
 from engine.request import TokenLogprobs
 
 
@@ -21,6 +22,13 @@ class WorkerStats:
     num_preemptions: int
     steps: int
     busy_seconds: float = 0.0  # engine step time so far (the rest is idle or overhead)
+
+
+def worker_stats(worker_id: str, role: str, s: EngineStats, steps: int,
+                 busy_seconds: float) -> WorkerStats:
+    return WorkerStats(worker_id, role, s.num_running, s.num_waiting, s.num_free_blocks,
+                       s.num_usable_blocks, s.kv_usage, s.prefix_queries, s.prefix_hits,
+                       s.num_preemptions, steps, busy_seconds)
 
 
 @dataclass

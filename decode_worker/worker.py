@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from decode_worker.messages import StepBatch, TokenEvent, WorkerStats
+from decode_worker.messages import StepBatch, TokenEvent, WorkerStats, worker_stats
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -97,11 +97,8 @@ class DecodeWorker:
         return await self._call(self._stats)
 
     def _stats(self, engine: LLMEngine) -> WorkerStats:
-        s = engine.stats()
-        return WorkerStats(self.worker_id, self.config.role, s.num_running, s.num_waiting,
-                           s.num_free_blocks, s.num_usable_blocks, s.kv_usage,
-                           s.prefix_queries, s.prefix_hits, s.num_preemptions, self.loop.steps,
-                           self.loop.busy_seconds)
+        return worker_stats(self.worker_id, self.config.role, engine.stats(), self.loop.steps,
+                            self.loop.busy_seconds)
 
     async def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -197,14 +194,8 @@ class DecodeWorker:
         self.receiver.post_recv(request_id, peer_id, num_blocks, self.spec)  # type: ignore[attr-defined]
 
     async def pool_state(self) -> dict[str, int]:
-        """Block accounting read from the pool itself (tests check leaks with it)."""
-        def do(engine: LLMEngine) -> dict[str, int]:
-            used = sum(1 for b in engine.pool.blocks[1:] if b.ref_count > 0)
-            return {"free": engine.pool.num_free_blocks, "usable": engine.pool.num_usable_blocks,
-                    "used": used, "requests": len(engine.requests), "held": len(engine.held),
-                    "running": len(engine.scheduler.running)}
-
-        return await self._call(do)
+        """Block accounting read from the pool itself (tests check for leaks with it)."""
+        return await self._call(lambda e: e.pool_state())
 
     def shutdown(self) -> None:
         self.loop.stop()

@@ -91,6 +91,12 @@ def check_handle(handle: TransferHandle, spec: KVSpec, dest_block_ids: list[int]
             f"{len(dest_block_ids)} reserved")
 
 
+def check_counts(request_id: str, src_block_ids: list[int], dest_block_ids: list[int]) -> None:
+    if len(src_block_ids) != len(dest_block_ids):
+        raise KVTransferError(f"request {request_id}: {len(src_block_ids)} blocks to send, "
+                              f"{len(dest_block_ids)} reserved")
+
+
 class KVSender(abc.ABC):
     """Prefill side. Methods run on the prefill worker's engine thread."""
 

@@ -27,6 +27,7 @@ from kvtransfer.base import (
     KVSpec,
     KVTransferError,
     TransferHandle,
+    check_counts,
 )
 
 
@@ -117,9 +118,7 @@ class CudaIpcSender(KVSender):
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
-        if len(src_block_ids) != len(dest_block_ids):
-            raise KVTransferError(f"request {request_id}: {len(src_block_ids)} blocks to send, "
-                                  f"{len(dest_block_ids)} reserved")
+        check_counts(request_id, src_block_ids, dest_block_ids)
         t0 = time.perf_counter()
         remote = self._remote_cache(dest, cache)
         src = torch.tensor(src_block_ids, dtype=torch.long, device=cache.device)

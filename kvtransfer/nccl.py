@@ -40,6 +40,7 @@ from kvtransfer.base import (
     KVTransferError,
     KVTransferTimeout,
     TransferHandle,
+    check_counts,
 )
 
 
@@ -129,9 +130,7 @@ class NcclSender(KVSender):
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
-        if len(src_block_ids) != len(dest_block_ids):
-            raise KVTransferError(f"request {request_id}: {len(src_block_ids)} blocks to send, "
-                                  f"{len(dest_block_ids)} reserved")
+        check_counts(request_id, src_block_ids, dest_block_ids)
         nccl = _nccl()
         t0 = time.perf_counter()
         comm = self._comm(dest, cache.device)

@@ -32,6 +32,7 @@ from engine.errors import InvalidRequestError
 from engine.llm_engine import MAX_POSITIONS_CAP, load_tokenizer
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from engine.validation import validate_prompt
 from engine.weights import load_model_config, resolve_model
 from prefill_worker.messages import PrefillResult, PrefillTask
 from prefill_worker.worker import PrefillAborted
@@ -88,18 +89,8 @@ class Router:
 
     # -- public API ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt", "the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError("token_ids", f"token id {bad} is outside the vocabulary "
-                                      f"[0, {vocab})")
-        n = len(prompt_token_ids)
-        if n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                "max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens")
+        validate_prompt(prompt_token_ids, params, self.model_config.vocab_size,
+                        self.max_model_len)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
