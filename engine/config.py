@@ -144,6 +144,12 @@ class ModelConfig:
         elif rope_type not in (None, "default"):
             raise ConfigError(f"rope_scaling type {rope_type!r} is not supported")
         theta = d.get("rope_theta") or (rs.get("rope_theta") if rs else None) or 10000.0
+        max_pos = d.get("max_position_embeddings", 4096)
+        window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
+        if window and window < max_pos:
+            # No sliding-window attention here: capping the context at the window keeps
+            # every request it serves exact (full attention == windowed attention).
+            max_pos = int(window)
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -155,7 +161,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_pos,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
