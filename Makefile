@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install run demo-offline test test-all lint proto prometheus bench-offline bench-runtime clean
+.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ proto:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The serving benchmarks (disaggregated vs colocated, prefix cache on/off): ~15 min on CPU.
+bench: $(STAMP)
+	$(BIN)/python -m bench.cli suite --out-dir bench/results
 
 bench-offline: $(STAMP)
 	$(BIN)/python bench/offline.py

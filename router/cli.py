@@ -33,6 +33,11 @@ DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the load generator and benchmark suite have their own CLI
+        from bench.cli import main as bench_main
+
+        return int(bench_main(argv[1:]))
     args = parser().parse_args(argv)
     return int(args.func(args))
 
@@ -41,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode "
                                 "LLM serving on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="load generator and benchmark suite (pdserve bench -h)",
+                   add_help=False)
 
     serve = sub.add_parser("serve", help="run the gRPC service")
     add_serve_flags(serve)

@@ -33,6 +33,10 @@ def test_interference_baseline_has_the_same_streams() -> None:
     assert workloads.burst_times(with_b) == [12.5, 37.5]
     assert sum(s.kind == "burst" for s in with_b) == 2 * workloads.BURST_SIZE
     assert [s.index for s in with_b] == list(range(len(with_b)))
+    salted = workloads.build("interference", 1.0, 50.0, 400, VOCAB, salt=1)
+    assert [s.arrival_s for s in salted] == [s.arrival_s for s in with_b]
+    assert [len(s.prompt_ids or ()) for s in salted] == [len(s.prompt_ids or ()) for s in with_b]
+    assert salted[0].prompt_ids != with_b[0].prompt_ids  # no prefix-cache hits across runs
 
 
 def test_shared_prefix_shares_exactly_the_prefix() -> None:

@@ -1,0 +1,170 @@
+"""`pdserve bench`: load a running server, or run the whole comparison suite.
+
+    pdserve bench load --target HOST:PORT --workload chat --rate 0.5 1 2 [--duration 60]
+                       [--max-requests N] [--seed S] [--out FILE.json]
+        open-loop Poisson load at each rate against a running server; prints and
+        writes the summary (TTFT/TPOT/ITL/E2E percentiles, throughput, SLO attainment,
+        goodput over the sweep)
+    pdserve bench suite [--out-dir bench/results] [--quick]
+        starts each deployment itself (disaggregated vs colocated, prefix cache on vs
+        off), runs every workload, writes serving-cpu.json (+ -records.json) and the PNGs
+    pdserve bench plot [--out-dir bench/results]
+        redraws the PNGs from the JSON and prints the tables (markdown)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import workloads
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    load = sub.add_parser("load", help="load a running server")
+    load.add_argument("--target", default="127.0.0.1:50051")
+    load.add_argument("--workload", choices=(*workloads.WORKLOADS, "interference-nobursts"),
+                      default="chat")
+    load.add_argument("--rate", type=float, nargs="+", default=[1.0],
+                      help="requests/s (several: a sweep, one run per rate)")
+    load.add_argument("--duration", type=float, default=60.0,
+                      help="seconds during which requests arrive")
+    load.add_argument("--max-requests", type=int, default=1000)
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--timeout", type=float, default=300.0, help="per-request deadline")
+    load.add_argument("--api-key", default=None)
+    load.add_argument("--out", default=None, help="write the summary JSON here")
+    load.set_defaults(func=cmd_load)
+
+    suite = sub.add_parser("suite", help="start each deployment and run every workload")
+    suite.add_argument("--out-dir", default="bench/results")
+    suite.add_argument("--rates", type=float, nargs="+", default=None)
+    suite.add_argument("--ref-rate", type=float, default=None)
+    suite.add_argument("--duration", type=float, default=None)
+    suite.add_argument("--skip", nargs="*", default=None, choices=workloads.WORKLOADS,
+                       help="workloads to leave out (default: long-prompt; give --skip "
+                            "with no names to run everything)")
+    suite.add_argument("--modes", nargs="+", default=None,
+                       choices=("disaggregated", "colocated"))
+    suite.add_argument("--quick", action="store_true",
+                       help="a smoke run: two rates, 15 s each, no long-prompt")
+    suite.set_defaults(func=cmd_suite)
+
+    plot = sub.add_parser("plot", help="redraw the PNGs from the suite's JSON")
+    plot.add_argument("--out-dir", default="bench/results")
+    plot.set_defaults(func=cmd_plot)
+
+    args = p.parse_args(argv)
+    return int(args.func(args))
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from bench.loadgen import LoadConfig, run_load, wait_ready
+    from bench.report import goodput, summarize
+    from bench.suite import ATTAINMENT_TARGET, SLOS, slos_json
+
+    async def go() -> dict[str, object]:
+        info = await wait_ready(args.target, timeout_s=30)
+        runs = []
+        for i, rate in enumerate(args.rate):
+            # salt: fresh prompt ids per rate, so one rate's prompts are not prefix-cache
+            # hits in the next (interference; the other workloads ignore it).
+            specs = workloads.build(args.workload, rate, args.duration, args.max_requests,
+                                    info.vocab_size, args.seed, salt=i)
+            cfg = LoadConfig(args.target, timeout_s=args.timeout, api_key=args.api_key,
+                             label=f"{args.workload} {rate:g}/s")
+            records, wall = await run_load(cfg, specs, run_id=f"load-{rate:g}")
+            runs.append({"rate": rate, "summary": summarize(records, wall, SLOS)})
+        pts = [(r["rate"], r["summary"]["slo_attainment"]) for r in runs]
+        return {"target": args.target, "workload": args.workload, "slos": slos_json(SLOS),
+                "goodput_rps": goodput([p for p in pts if p[1] is not None],
+                                       ATTAINMENT_TARGET),
+                "runs": runs}
+
+    result = asyncio.run(go())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from bench.offline import machine
+    from bench.plots import draw_all
+    from bench.suite import SuiteConfig, results_json, run_suite
+    from bench.tables import markdown
+
+    cfg = SuiteConfig(out_dir=args.out_dir)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, rates=(0.5, 1.0), duration_s=15.0, chat_duration_s=8.0,
+                                  shared_requests=4, skip=("long-prompt",))
+    over = {"rates": tuple(args.rates) if args.rates else None, "ref_rate": args.ref_rate,
+            "duration_s": args.duration, "modes": tuple(args.modes) if args.modes else None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    if args.skip is not None:
+        cfg = dataclasses.replace(cfg, skip=tuple(args.skip))
+    t0 = time.monotonic()
+    code = code_version()
+    runs = run_suite(cfg)
+    summary, records = results_json(runs, cfg)
+    summary["command"] = "pdserve bench " + " ".join(sys.argv[1:] if sys.argv else [])
+    summary["machine"] = machine()
+    summary["code"] = code
+    summary["suite_wall_s"] = time.monotonic() - t0
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving-cpu.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "serving-cpu-records.json").write_text(json.dumps(records) + "\n")
+    for path in draw_all(summary, records, out):
+        sys.stderr.write(f"[bench] wrote {path}\n")
+    print(markdown(summary))
+    print(json.dumps(summary["headline"], indent=1))
+    return 0
+
+
+def code_version() -> dict[str, object]:
+    """The commit, and whether the serving code differs from it (a hash of the diff):
+    numbers only compare between runs of the same code."""
+    import hashlib
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
+                                  check=False).stdout
+        except OSError:
+            return ""
+
+    paths = ["engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer"]
+    diff = git("diff", "HEAD", "--", *paths)
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "serving_code_dirty": bool(diff or git("status", "--porcelain", "--", *paths)),
+            "serving_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12]}
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from bench.plots import draw_all
+    from bench.tables import markdown
+
+    out = Path(args.out_dir)
+    summary = json.loads((out / "serving-cpu.json").read_text())
+    records = json.loads((out / "serving-cpu-records.json").read_text())
+    for path in draw_all(summary, records, out):
+        print(path)
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""A `pdserve serve` subprocess for one benchmark deployment.
+
+Each deployment runs in its own process with its own Ray (started by the server, in
+its own session so that everything it spawned can be stopped together), one at a
+time, on free ports. Stopping sends SIGINT (the server's clean shutdown: workers go,
+ray.shutdown()); only if that hangs is the process group this bench started killed.
+Never `ray stop`: other Ray instances on the machine are not ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One server shape. Same resources on both sides of a comparison: a colocated
+    deployment of ``workers`` N against a disaggregated one of P + D = N workers, each
+    with ``threads`` torch threads (and Ray CPUs)."""
+
+    name: str
+    mode: str = "disaggregated"
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    workers: int = 2
+    threads: int = 1
+    prefix_cache: bool = True
+    model: str | None = None
+
+    def args(self) -> list[str]:
+        a = ["--mode", self.mode, "--threads-per-worker", str(self.threads)]
+        if self.mode == "colocated":
+            a += ["--workers", str(self.workers)]
+        else:
+            a += ["--prefill-workers", str(self.prefill_workers),
+                  "--decode-workers", str(self.decode_workers)]
+        if self.model:
+            a += ["--model", self.model]
+        return a
+
+    def config(self) -> dict[str, object]:
+        # `pdserve serve` has no flag for the prefix cache; its --config file reaches
+        # EngineConfig.cache.enable_prefix_caching.
+        return {} if self.prefix_cache else {"engine": {"cache": {"enable_prefix_caching": False}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``with ServerProcess(dep, log_dir) as target:`` runs the server for the block."""
+
+    def __init__(self, dep: Deployment, log_dir: Path) -> None:
+        self.dep = dep
+        self.log_path = log_dir / f"server-{dep.name}.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._cfg_file: str | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        cmd = [sys.executable, "-m", "router.cli", "serve", *self.dep.args(),
+               "--port", str(self.port), "--metrics-port", str(free_port())]
+        cfg = self.dep.config()
+        if cfg:
+            fd, self._cfg_file = tempfile.mkstemp(suffix=".json", prefix="pdserve-bench-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cfg, f)
+            cmd += ["--config", self._cfg_file]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # OMP_NUM_THREADS=1: the router process itself must not spin torch threads
+        # against the workers; workers set their own count (threads_per_worker).
+        env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0",
+                   PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        log.close()
+        sys.stderr.write(f"[bench] started {self.dep.name}: {' '.join(cmd[3:])} "
+                         f"(log: {self.log_path})\n")
+        return self.target
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                sys.stderr.write(f"[bench] {self.dep.name} did not stop; killing its group\n")
+        # Whatever the server spawned (Ray's gcs, raylet, workers) is in the session this
+        # bench created for it; clean up leftovers of a server that died or hung.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(10)
+        if self._cfg_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self._cfg_file)
+        self.proc = None
+        time.sleep(1.0)  # let the ports and the memory go before the next deployment
