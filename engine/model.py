@@ -17,7 +17,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.kv_layout import layer_view
 from engine.linear import Linear
-from kernels import AttentionMetadata, paged_attention, rms_norm, rotary, silu_and_mul, store_kv
+from kernels import AttentionMetadata, paged_attention, rms_norm, rotary_store_kv, silu_and_mul
 
 
 @dataclass
@@ -86,9 +86,9 @@ class Attention(nn.Module):
         q = q.view(t, self.hq, self.d)
         k = k.view(t, self.hkv, self.d)
         v = v.view(t, self.hkv, self.d)
-        q, k = rotary(q, k, ctx.positions, cos_sin)
         cache = layer_view(ctx.kv_cache, self.layer)  # (num_blocks, 2, bs, Hkv, D)
-        store_kv(k, v, cache, ctx.slot_mapping)
+        # qkv is ours: the native CPU path may rotate q and k in place.
+        q, _ = rotary_store_kv(q, k, v, ctx.positions, cos_sin, cache, ctx.slot_mapping)
         o = paged_attention(q, cache, ctx.attn, self.scale)  # (T, Hq, D)
         return self.o_proj(o.view(t, self.hq * self.d))
 

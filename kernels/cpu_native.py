@@ -1,4 +1,9 @@
-"""The native CPU attention kernel (cpu_attention.c): built at first use, called via ctypes.
+"""Native CPU kernels (cpu_native.c): built at first use, called through ctypes.
+
+Two fp32 kernels for the engine's CPU path: paged attention reading the KV blocks in
+place (decode rows and prefill chunks of a step in one call), and rotary embedding
+fused with the KV-cache store. The torch path (ref_*.py) stays the reference and the
+fallback.
 
 Plain C with OpenMP and no torch headers, compiled by the machine's C compiler into the
 user's cache directory (``$XDG_CACHE_HOME/pdserve/kernels``, else ``~/.cache/...``),
@@ -7,9 +12,9 @@ machine builds it once (about a second), later processes just load it. ``-march=
 is safe because the CPU is part of the name.
 
 Why not torch.utils.cpp_extension: a torch extension compiles the ATen headers (tens
-of seconds on a 2-core machine) and needs ninja; the kernel only needs pointers and
+of seconds on a 2-core machine) and needs ninja; these kernels only need pointers and
 strides. The library links libgomp by its soname, so it joins the OpenMP runtime torch
-has already loaded (one thread pool, not two).
+has already loaded (one thread pool, not two) and uses torch's thread count.
 
 Anything going wrong (no compiler, a failed build, ``PDSERVE_NATIVE_KERNELS=0``) logs
 one line and makes ``available()`` false; callers then use the torch path.
@@ -34,25 +39,35 @@ from kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCE = Path(__file__).with_name("cpu_native.c")
 # -fno-trapping-math (as torch builds): lets the exp and select loops vectorise; it only
 # drops FP-exception side effects. -ffp-contract=fast: multiply-adds become FMAs (one
-# rounding instead of two), which ISO C mode would otherwise forbid.
+# rounding instead of two) in attention, which ISO C mode would otherwise forbid;
+# rotary opts out (it must equal the torch path bit for bit).
 CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast",
           "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-MAX_GROUP = 64  # Hq / Hkv; the kernel's per-item row arrays are sized for this
+MAX_GROUP = 64  # Hq / Hkv; the attention kernel's per-item row arrays are sized for this
+MAX_HEAD_DIM = 256  # and head_dim must be a multiple of 16 (one vector)
 
-# (name, ctypes type) of paged_attention_f32's parameters, in order.
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = [
-    _P, _I64, _I64,  # q, row and head strides
-    _P, _I64, _I64, _I64, _I64,  # cache, block / kv / token / head strides
-    _P, _I64, _I64,  # out, row and head strides
-    _P, _P, _P, _I64,  # query_start_loc, seq_lens, block_tables, its row stride
-    _P, _I64,  # seqs to compute, how many
-    _I64, _I64, _I64, _I64, ctypes.c_float,  # Hkv, group, D, block_size, scale
-    ctypes.c_int,  # threads
-]
+_SIGNATURES = {  # C parameter types, in order
+    "paged_attention_f32": [
+        _P, _I64, _I64,  # q, row and head strides
+        _P, _I64, _I64, _I64, _I64,  # cache, block / kv / token / head strides
+        _P, _I64, _I64,  # out, row and head strides
+        _P, _P, _P, _I64, _I64,  # query_start_loc, seq_lens, block_tables, its row stride, B
+        _I64, _I64, _I64, _I64, ctypes.c_float,  # Hkv, group, D, block_size, scale
+    ],
+    "rotary_store_f32": [
+        _P, _I64, _I64,  # q, row and head strides
+        _P, _I64, _I64,  # k
+        _P, _I64, _I64,  # v
+        _P, _P, _I64, _I64,  # positions, cos_sin, its row stride, its rows
+        _P, _I64, _I64, _I64, _I64,  # cache, block / kv / token / head strides
+        _P, _I64, _I64,  # slot_mapping, number of slots, block_size
+        _I64, _I64, _I64, _I64,  # T, Hq, Hkv, D
+    ],
+}
 
 
 def _cache_dir() -> Path:
@@ -70,15 +85,15 @@ def _cpu_id() -> str:
     return platform.machine() + "\n" + "\n".join(keep)
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernel if this exact build is not cached yet; returns the library path."""
+def build() -> Path:
+    """Compile the kernels if this exact build is not cached yet; returns the library path."""
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
-    src = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join(
-        [src, " ".join(CFLAGS).encode(), version.stdout.encode(), _cpu_id().encode()]
+        [SOURCE.read_bytes(), " ".join(CFLAGS).encode(), version.stdout.encode(),
+         _cpu_id().encode()]
     )).hexdigest()[:16]
-    out = _cache_dir() / f"pdserve_cpu_attention_{key}.so"
+    out = _cache_dir() / f"pdserve_cpu_native_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +110,7 @@ def build(verbose: bool = False) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    if verbose:
-        log.info("built %s in %.2fs", out, time.perf_counter() - t0)
+    log.info("built the native CPU kernels in %.2fs: %s", time.perf_counter() - t0, out)
     return out
 
 
@@ -106,31 +120,41 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(build()))
-        fn = lib.paged_attention_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("native CPU attention unavailable, using the torch path: %s",
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        log.warning("native CPU kernels unavailable, using the torch path: %s",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    fn.argtypes = _ARGTYPES
-    fn.restype = ctypes.c_int
     return lib
 
 
 def available() -> bool:
-    """Whether the native kernel is built and loaded (builds it on the first call)."""
+    """Whether the native kernels are built and loaded (builds them on the first call)."""
     return _library() is not None
 
 
-def supports(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether these tensors can go to the native kernel (else: the torch path)."""
+def _cpu_f32(*ts: torch.Tensor) -> bool:
+    """fp32 CPU tensors whose last dimension is contiguous."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1
+               for t in ts)
+
+
+def _cpu_index(*ts: torch.Tensor, dtype: torch.dtype) -> bool:
+    return all(t.dtype == dtype and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts)
+
+
+def supports(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether this attention call can go to the native kernel (else: the torch path)."""
     return (
-        q.dtype == torch.float32
-        and kv_cache.dtype == torch.float32
-        and q.device.type == "cpu"
-        and kv_cache.device.type == "cpu"
-        and q.stride(2) == 1
-        and kv_cache.stride(4) == 1
+        _cpu_f32(q, kv_cache)
+        and q.shape[2] % 16 == 0
+        and q.shape[2] <= MAX_HEAD_DIM
         and q.shape[1] // kv_cache.shape[3] <= MAX_GROUP
+        and _cpu_index(meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                       dtype=torch.int32)
         and available()
     )
 
@@ -140,17 +164,13 @@ def paged_attention_native(
     kv_cache: torch.Tensor,  # (num_blocks, 2, block_size, Hkv, D), any strides but D's
     meta: AttentionMetadata,
     scale: float,
-    out: torch.Tensor,  # (T, Hq, D), head_dim contiguous; only the listed rows are written
-    seqs: torch.Tensor,  # (n,) int32, the sequences whose query rows to compute
+    out: torch.Tensor,  # (T, Hq, D), head_dim contiguous
 ) -> None:
+    """Writes every query row of ``out``; the caller has checked ``supports()``."""
     lib = _library()
-    assert lib is not None, "call supports() first"
-    if out.stride(2) != 1:
-        raise ValueError(f"out must have a contiguous head_dim, strides {out.stride()}")
-    for name, t in (("query_start_loc", meta.query_start_loc), ("seq_lens", meta.seq_lens),
-                    ("block_tables", meta.block_tables), ("seqs", seqs)):
-        if t.dtype != torch.int32 or t.device.type != "cpu" or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be int32 on the CPU with a unit last stride")
+    if lib is None or not _cpu_f32(out):
+        raise ValueError("native attention needs the built kernels and an fp32 CPU out with "
+                         "a contiguous head_dim; check supports() first")
     hkv, d = kv_cache.shape[3], kv_cache.shape[4]
     rc = lib.paged_attention_f32(
         q.data_ptr(), q.stride(0), q.stride(1),
@@ -158,10 +178,50 @@ def paged_attention_native(
         kv_cache.stride(3),
         out.data_ptr(), out.stride(0), out.stride(1),
         meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(),
-        meta.block_tables.data_ptr(), meta.block_tables.stride(0),
-        seqs.data_ptr(), seqs.numel(),
+        meta.block_tables.data_ptr(), meta.block_tables.stride(0), meta.num_seqs,
         hkv, q.shape[1] // hkv, d, kv_cache.shape[2], scale,
-        torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"paged_attention_f32 failed with code {rc}")
+
+
+def supports_rotary_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> bool:
+    """Whether rotary_store_native can take these tensors (else: the torch ops)."""
+    return (
+        _cpu_f32(q, k, v, cos_sin, kv_cache)
+        and _cpu_index(positions, slot_mapping, dtype=torch.int64)
+        and available()
+    )
+
+
+def rotary_store_native(
+    q: torch.Tensor,  # (T, Hq, D), rotated in place
+    k: torch.Tensor,  # (T, Hkv, D), rotated in place
+    v: torch.Tensor,  # (T, Hkv, D)
+    positions: torch.Tensor,  # (T,) int64
+    cos_sin: torch.Tensor,  # (max_pos, D) fp32 [cos | sin]
+    kv_cache: torch.Tensor,  # (num_blocks, 2, block_size, Hkv, D)
+    slot_mapping: torch.Tensor,  # (T,) int64, -1 = don't store
+) -> None:
+    """Rotate q and k in place, then store k and v at their slots; the caller has checked
+    ``supports_rotary_store()``. Raises IndexError for a position or slot out of range
+    (before writing anything)."""
+    lib = _library()
+    assert lib is not None
+    nb, _, bs, hkv, d = kv_cache.shape
+    rc = lib.rotary_store_f32(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        k.data_ptr(), k.stride(0), k.stride(1),
+        v.data_ptr(), v.stride(0), v.stride(1),
+        positions.data_ptr(), cos_sin.data_ptr(), cos_sin.stride(0), cos_sin.shape[0],
+        kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3),
+        slot_mapping.data_ptr(), nb * bs, bs,
+        q.shape[0], q.shape[1], hkv, d,
+    )
+    if rc != 0:
+        raise IndexError("rotary_store: a position is past the rotary table or a slot past "
+                         "the cache")

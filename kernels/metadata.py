@@ -34,12 +34,6 @@ class CpuPlan:
     prefills: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] = field(
         default_factory=list
     )
-    # What the native kernel (kernels/cpu_native.py) computes when it can: decode rows
-    # and chunks of at most NATIVE_MAX_QUERY_LEN tokens, in one call; the longer
-    # prefills above still go to SDPA.
-    native_seqs: torch.Tensor = field(  # (n,) int32 sequence indices
-        default_factory=lambda: torch.zeros(0, dtype=torch.int32)
-    )
 
 
 @dataclass
@@ -94,13 +88,6 @@ class AttentionMetadata:
         return meta
 
 
-# Longest chunk the native CPU kernel takes. It walks each query row's keys one at a
-# time, where SDPA runs a chunk as matmuls: measured on the 2-core CI machine (SmolLM2
-# heads), the kernel wins below ~128-token chunks and loses beyond, and most of what it
-# saves on short chunks is SDPA's fixed cost per call.
-NATIVE_MAX_QUERY_LEN = 64
-
-
 def _plan_cpu(
     starts: list[int],
     query_lens: list[int],
@@ -117,10 +104,6 @@ def _plan_cpu(
         decode_rows=torch.tensor([starts[b] for b in dec], dtype=torch.int64),
         decode_block_tables=torch.tensor(dec_bt, dtype=torch.int64).reshape(len(dec), nb),
         decode_mask=mask[:, None, None, :],
-        native_seqs=torch.tensor(
-            [b for b, ql in enumerate(query_lens) if ql <= NATIVE_MAX_QUERY_LEN],
-            dtype=torch.int32,
-        ),
     )
     for b, ql in enumerate(query_lens):
         if ql == 1:

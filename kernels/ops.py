@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import cpu_native
 from kernels.metadata import AttentionMetadata
 from kernels.ref_attention import paged_attention_torch
 from kernels.ref_cache import gather_blocks_torch, scatter_blocks_torch, store_kv_torch
@@ -64,6 +65,39 @@ def store_kv(
         store_kv_triton(k, v, kv_cache, slot_mapping)
         return
     store_kv_torch(k, v, kv_cache, slot_mapping)
+
+
+def rotary_store_kv(
+    q: torch.Tensor,  # (T, Hq, D)
+    k: torch.Tensor,  # (T, Hkv, D)
+    v: torch.Tensor,  # (T, Hkv, D)
+    positions: torch.Tensor,  # (T,) int
+    cos_sin: torch.Tensor,  # (max_pos, D)
+    kv_cache: torch.Tensor,  # (num_blocks, 2, block_size, Hkv, D)
+    slot_mapping: torch.Tensor,  # (T,) int, -1 = skip
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary`` then ``store_kv`` of the rotated k: returns the rotated (q, k).
+
+    On CPU fp32 one native call does both, rotating q and k **in place** (pass tensors
+    the caller owns, such as views of the qkv projection's output); elsewhere the two
+    ops run and return new tensors. The results are bit-identical either way.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be (T, Hq, D), got {tuple(q.shape)}")
+    t, _, d = q.shape
+    if (k.shape != v.shape or k.dim() != 3 or k.shape[0] != t or k.shape[2] != d
+            or positions.shape != (t,) or slot_mapping.shape != (t,)
+            or cos_sin.shape[1] != d):
+        raise ValueError(f"rotary_store_kv shapes q={tuple(q.shape)} k={tuple(k.shape)} "
+                         f"v={tuple(v.shape)} positions={tuple(positions.shape)} "
+                         f"slots={tuple(slot_mapping.shape)} cos_sin={tuple(cos_sin.shape)}")
+    _check_cache(kv_cache, k.shape[1], d, kv_cache.dtype)
+    if cpu_native.supports_rotary_store(q, k, v, positions, cos_sin, kv_cache, slot_mapping):
+        cpu_native.rotary_store_native(q, k, v, positions, cos_sin, kv_cache, slot_mapping)
+        return q, k
+    q, k = rotary(q, k, positions, cos_sin)
+    store_kv(k, v, kv_cache, slot_mapping)
+    return q, k
 
 
 def gather_blocks(
