@@ -2,7 +2,7 @@
  * per-layer KV view, and rotary embedding fused with the KV-cache store.
  *
  * Built at first use by kernels/cpu_native.py (plain C with GCC vector extensions and
- * OpenMP, no torch headers, so a fresh machine compiles it in about a second) and
+ * OpenMP, no torch headers, so a fresh machine compiles it in 1-2 s) and
  * called through ctypes with raw pointers and element strides.
  *
  * Attention. The torch path (ref_attention.py) copies each sequence's blocks into a
@@ -54,7 +54,8 @@ static inline vec reduce16(const vec *p) {
         a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1],
                                        0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                __builtin_shufflevector(p[2 * i], p[2 * i + 1],
-                                       8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+                                       8, 9, 10, 11, 12, 13, 14, 15,
+                                       24, 25, 26, 27, 28, 29, 30, 31);
     for (int i = 0; i < 4; i++)
         b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1],
                                        0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
@@ -172,6 +173,11 @@ typedef struct {
     float scale;
 } Args;
 
+/* Keys in the 16-key step starting at t0. */
+static inline int64_t chunk(int64_t n_keys, int64_t t0) {
+    return n_keys - t0 < VL ? n_keys - t0 : VL;
+}
+
 /* Addresses of keys t0 .. t0+n-1 (n <= VL) of one head: the block table says where each
  * token lives; one division per 16 keys, whatever the block size. */
 static inline void token_ptrs(const Args *a, const int32_t *table, const float *base,
@@ -184,6 +190,18 @@ static inline void token_ptrs(const Args *a, const int32_t *table, const float *
             blk++;
         }
     }
+}
+
+/* Asks for keys t0 .. t0+n-1 of one head ahead of use: a sequence's blocks lie far
+ * apart (a block holds every layer), so the hardware prefetchers lose the stream at
+ * each block edge and every 16 keys would otherwise wait on DRAM. */
+static inline void prefetch_tokens(const Args *a, const int32_t *table, const float *base,
+                                   int64_t t0, int64_t n) {
+    const float *tok[VL];
+    token_ptrs(a, table, base, t0, n, tok);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t e = 0; e < a->d; e += 64 / (int64_t)sizeof(float))
+            __builtin_prefetch(tok[j] + e);
 }
 
 /* One work item. Always inlined into run_item with the common head sizes as constants
@@ -215,9 +233,14 @@ static inline __attribute__((always_inline)) void item_impl(
 
     /* 1. scores, 16 keys at a time (a row's keys past its limit are computed and then
      *    ignored: within a tile they are live tokens of later queries). */
+    prefetch_tokens(a, table, k_base, 0, chunk(n_keys, 0));
     for (int64_t t0 = 0; t0 < n_keys; t0 += VL) {
-        const int64_t n = n_keys - t0 < VL ? n_keys - t0 : VL;
+        const int64_t n = chunk(n_keys, t0);
         token_ptrs(a, table, k_base, t0, n, tok);
+        if (t0 + VL < n_keys)
+            prefetch_tokens(a, table, k_base, t0 + VL, chunk(n_keys, t0 + VL));
+        else
+            prefetch_tokens(a, table, v_base, 0, chunk(n_keys, 0)); /* for step 3 */
         for (int64_t r = 0; r < rows; r++) {
             vec q[MAX_NV];
             for (int64_t v = 0; v < nv; v++) q[v] = vload(qp[r] + v * VL);
@@ -237,8 +260,10 @@ static inline __attribute__((always_inline)) void item_impl(
     /* 3. weighted sum of V rows; per 16 keys each row's accumulators stay in registers. */
     for (int64_t i = 0; i < rows * nv; i++) acc[i] = (vec){0};
     for (int64_t t0 = 0; t0 < n_keys; t0 += VL) {
-        const int64_t n = n_keys - t0 < VL ? n_keys - t0 : VL;
+        const int64_t n = chunk(n_keys, t0);
         token_ptrs(a, table, v_base, t0, n, tok);
+        if (t0 + VL < n_keys)
+            prefetch_tokens(a, table, v_base, t0 + VL, chunk(n_keys, t0 + VL));
         for (int64_t r = 0; r < rows; r++) {
             const float *p = scores + r * stride + t0;
             if (n == VL)
@@ -264,10 +289,11 @@ static void run_item(const Args *a, Item it, float *scores, vec *acc) {
     }
 }
 
-/* Attention of every query row of the step's num_seqs sequences. Returns 0, -1 for a shape it does not take
- * (group > MAX_GROUP, head_dim not a multiple of 16 or above 256), -2 when out of
- * memory. Threads: the calling thread's OpenMP team size, which torch.set_num_threads
- * sets (torch's own parallel regions use the same runtime and pool). */
+/* Attention of every query row of the step's num_seqs sequences. Returns 0, -1 for a
+ * shape it does not take (group > MAX_GROUP, head_dim not a multiple of 16 or above
+ * 256), -2 when out of memory. Threads: the calling thread's OpenMP team size, which
+ * torch.set_num_threads sets (torch's own parallel regions use the same runtime and
+ * pool). */
 int paged_attention_f32(
     const float *q, int64_t q_row, int64_t q_head,
     const float *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,

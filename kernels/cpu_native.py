@@ -8,7 +8,7 @@ fallback.
 Plain C with OpenMP and no torch headers, compiled by the machine's C compiler into the
 user's cache directory (``$XDG_CACHE_HOME/pdserve/kernels``, else ``~/.cache/...``),
 under a name that hashes the source, the flags, the compiler and the CPU: a fresh
-machine builds it once (about a second), later processes just load it. ``-march=native``
+machine builds it once (1-2 s), later processes just load it. ``-march=native``
 is safe because the CPU is part of the name.
 
 Why not torch.utils.cpp_extension: a torch extension compiles the ATen headers (tens
@@ -136,25 +136,27 @@ def available() -> bool:
     return _library() is not None
 
 
-def _cpu_f32(*ts: torch.Tensor) -> bool:
-    """fp32 CPU tensors whose last dimension is contiguous."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1
-               for t in ts)
+# The checks below run twice per layer per step, so they are written for speed: no
+# generator expressions, the metadata's verdict computed once per step.
+def _cpu_f32(t: torch.Tensor) -> bool:
+    """An fp32 CPU tensor whose last dimension is contiguous."""
+    return t.dtype is torch.float32 and t.is_cpu and t.stride(-1) == 1
 
 
-def _cpu_index(*ts: torch.Tensor, dtype: torch.dtype) -> bool:
-    return all(t.dtype == dtype and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts)
+def _cpu_i64(t: torch.Tensor) -> bool:
+    return t.dtype is torch.int64 and t.is_cpu and t.stride(-1) == 1
 
 
 def supports(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether this attention call can go to the native kernel (else: the torch path)."""
+    d = q.shape[2]
     return (
-        _cpu_f32(q, kv_cache)
-        and q.shape[2] % 16 == 0
-        and q.shape[2] <= MAX_HEAD_DIM
+        _cpu_f32(q)
+        and _cpu_f32(kv_cache)
+        and d % 16 == 0
+        and d <= MAX_HEAD_DIM
         and q.shape[1] // kv_cache.shape[3] <= MAX_GROUP
-        and _cpu_index(meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                       dtype=torch.int32)
+        and meta.host_int32
         and available()
     )
 
@@ -191,8 +193,8 @@ def supports_rotary_store(
 ) -> bool:
     """Whether rotary_store_native can take these tensors (else: the torch ops)."""
     return (
-        _cpu_f32(q, k, v, cos_sin, kv_cache)
-        and _cpu_index(positions, slot_mapping, dtype=torch.int64)
+        _cpu_f32(q) and _cpu_f32(k) and _cpu_f32(v) and _cpu_f32(cos_sin)
+        and _cpu_f32(kv_cache) and _cpu_i64(positions) and _cpu_i64(slot_mapping)
         and available()
     )
 

@@ -16,6 +16,7 @@ query_len > 1 with seq_len > query_len.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,13 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
+
+    @functools.cached_property
+    def host_int32(self) -> bool:
+        """Whether the tensors are int32 CPU tensors with unit last strides, as the native
+        CPU kernel reads them (asked once per layer, computed once per step)."""
+        return all(t.dtype is torch.int32 and t.is_cpu and t.stride(-1) == 1
+                   for t in (self.query_start_loc, self.seq_lens, self.block_tables))
 
     @classmethod
     def build(
