@@ -197,6 +197,9 @@ class CacheConfig:
             raise ConfigError("CacheConfig.memory_bytes must be > 0")
 
 
+SCHEDULER_POLICIES = ("fcfs", "shortest_first")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Batching limits of one scheduler step.
@@ -204,11 +207,20 @@ class SchedulerConfig:
     max_num_batched_tokens: token budget of one forward pass (decode tokens plus
         prefill chunks); long prompts are chunked to fit it.
     max_num_seqs: most requests running at once (each decode step is this wide at most).
+    policy: who gets the budget first. "fcfs": running requests oldest first, then
+        waiting ones in arrival order (the engine's default: decode never waits behind
+        a new prompt). "shortest_first": every unfinished request, running or waiting,
+        by the tokens it still has to compute, fewest first (prefill workers: a short
+        prompt is not stuck behind a long prompt's chunks).
+    max_wait_s: under "shortest_first", a request that arrived this long ago goes
+        before shorter ones (oldest first), so long prompts are never starved.
     """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    policy: str = "fcfs"
+    max_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -217,6 +229,11 @@ class SchedulerConfig:
             raise ConfigError("SchedulerConfig.max_num_batched_tokens must be > 0")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError("SchedulerConfig.max_model_len must be > 0")
+        if self.policy not in SCHEDULER_POLICIES:
+            raise ConfigError(f"SchedulerConfig.policy {self.policy!r} is not one of "
+                              f"{', '.join(SCHEDULER_POLICIES)}")
+        if self.max_wait_s <= 0:
+            raise ConfigError("SchedulerConfig.max_wait_s must be > 0")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,20 @@ v1 style). Each step:
 2. If nobody was preempted, waiting requests are admitted in arrival order while the
    budget, the seat limit and the pool allow, after a prefix-cache lookup.
 
+That is the "fcfs" policy. Prefill workers use "shortest_first" instead: running and
+waiting requests together, by the tokens each still has to compute, fewest first, so a
+short prompt that arrives behind a long one starts at the next step and the long one
+takes what budget is left (a request older than ``max_wait_s`` goes first, so long
+prompts are never starved). Preemption works the same in both: the victim is the
+youngest running request not already scheduled in this step.
+
 The scheduler owns the running/waiting queues and the request statuses; the
 KVCacheManager owns the blocks.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -98,6 +106,8 @@ class Scheduler:
 
     # -- the policy ------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.config.policy == "shortest_first":
+            return self._schedule_shortest_first()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
@@ -113,9 +123,39 @@ class Scheduler:
             budget = self._admit_waiting(budget, out)
         return out
 
+    def _schedule_shortest_first(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        now = time.monotonic()
+        running = {id(r) for r in self.running}
+        for req in sorted([*self.running, *self.waiting], key=lambda r: self._rank(r, now)):
+            if budget <= 0:
+                break
+            if id(req) in running:
+                if req.status is not RequestStatus.RUNNING:
+                    continue  # preempted earlier in this step
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if n > 0 and self._allocate_or_preempt(req, n, out):
+                    out.chunks.append(ScheduledChunk.of(req, n))
+                    budget -= n
+            elif not out.preempted and len(self.running) < self.config.max_num_seqs:
+                # A waiting request the pool cannot take now is passed over, not waited
+                # for: a shorter one behind it may fit.
+                budget -= self._admit(req, budget, out)
+        return out
+
+    def _rank(self, req: Request, now: float) -> tuple[int, float]:
+        if now - req.times.arrival >= self.config.max_wait_s:
+            return (0, req.times.arrival)
+        return (1, req.num_tokens - req.num_computed_tokens)
+
     def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        scheduled = {id(c.request) for c in out.chunks}
         while not self.kv.allocate(req, n):
-            victim = self.running.pop()  # the youngest
+            # The youngest running request not already in this step; req is not, so
+            # there always is one. Under fcfs this is simply the youngest.
+            victim = next(r for r in reversed(self.running) if id(r) not in scheduled)
+            self.running.remove(victim)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
@@ -130,20 +170,27 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            hit = self.kv.find_prefix(req)
-            n = min(req.num_tokens - hit.num_tokens, budget)
-            if not self.kv.allocate(req, n, hit):
+            n = self._admit(self.waiting[0], budget, out)
+            if n == 0:
                 break  # wait for blocks to free up; keep arrival order
-            self.waiting.popleft()
-            req.num_computed_tokens = hit.num_tokens
-            if req.status is RequestStatus.WAITING:
-                req.num_cached_tokens = hit.num_tokens
-            req.transition(RequestStatus.RUNNING)
-            self.running.append(req)
-            out.chunks.append(ScheduledChunk.of(req, n))
             budget -= n
         return budget
+
+    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int:
+        """Start a waiting request with up to ``budget`` tokens after a prefix-cache
+        lookup; the tokens scheduled, 0 if the pool cannot take it now."""
+        hit = self.kv.find_prefix(req)
+        n = min(req.num_tokens - hit.num_tokens, budget)
+        if not self.kv.allocate(req, n, hit):
+            return 0
+        self.waiting.remove(req)
+        req.num_computed_tokens = hit.num_tokens
+        if req.status is RequestStatus.WAITING:
+            req.num_cached_tokens = hit.num_tokens
+        req.transition(RequestStatus.RUNNING)
+        self.running.append(req)
+        out.chunks.append(ScheduledChunk.of(req, n))
+        return n
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance progress for every scheduled chunk and index newly full blocks."""

@@ -98,9 +98,13 @@ def check_counts(request_id: str, src_block_ids: list[int], dest_block_ids: list
 
 
 class KVSender(abc.ABC):
-    """Prefill side. Methods run on the prefill worker's engine thread."""
+    """Prefill side. ``send`` runs on the prefill worker's engine thread between steps,
+    or, when ``send_off_engine_thread`` is set, on a thread of its own while the engine
+    keeps stepping (it then only reads blocks the worker holds for the request)."""
 
     backend: str
+    # Only backends verified to be safe beside a running engine step say True.
+    send_off_engine_thread: bool = False
 
     @abc.abstractmethod
     def send(

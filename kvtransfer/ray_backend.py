@@ -30,6 +30,9 @@ from kvtransfer.base import (
 
 class RaySender(KVSender):
     backend = "ray"
+    # A gather (torch reads of held blocks) and a ray.put: both fine on any thread, so a
+    # send does not hold up the prefill worker's next step.
+    send_off_engine_thread = True
 
     def send(
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,

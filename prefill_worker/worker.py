@@ -1,24 +1,35 @@
 """Prefill worker: a Ray actor that turns prompts into KV blocks and a first token.
 
 Prompts from many requests are batched by the engine's scheduler under one token
-budget (long prompts are chunked), with the prefix cache on. For each request::
+budget (long prompts are chunked; the router configures the "shortest_first" policy and
+the prefill step budget), with the prefix cache on. For each request::
 
     prefill(task) -> engine.add_request(max_tokens=1, hold_blocks=True)
-                  -> first token sampled; the request finishes but keeps its blocks
-                  -> kvtransfer.send(blocks -> task.dest)   (on the engine thread)
+                  -> first token sampled; the request finishes but keeps its blocks,
+                     whose ids are read at the end of that step (engine thread)
+                  -> kvtransfer.send(blocks -> task.dest)   (own thread, or the engine
+                                                             thread for GPU backends)
                   -> engine.release(blocks)                  (kept as prefix cache)
                   -> PrefillResult(first token, transfer handle)
 
+The send does not wait for a step boundary when the backend allows it
+(``send_off_engine_thread``), and the result does not wait for the release: a short
+prompt's first token is not held up by the long prompt's chunk the engine is busy with.
+
 Who frees what: the blocks are released only after ``send`` returned, i.e. once the
 backend no longer needs them (see kvtransfer.base); an abort or a failed send releases
-them too. Full blocks stay in the pool as evictable prefix cache.
+them too (an abort that arrives during the send is applied when the send returns, so
+blocks are never reused while being read). Full blocks stay in the pool as evictable
+prefix cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
+from concurrent.futures import Future
 
 from decode_worker.messages import WorkerStats, worker_stats
 from engine.engine_loop import EngineLoop
@@ -27,6 +38,8 @@ from engine.outputs import RequestOutput
 from engine.worker_config import WorkerConfig
 from kvtransfer import TransferHandle, make_sender
 from prefill_worker.messages import PrefillResult, PrefillTask
+
+log = logging.getLogger(__name__)
 
 
 class PrefillAborted(RuntimeError):
@@ -39,21 +52,26 @@ class PrefillWorker:
         self.worker_id = config.worker_id
         self.engine = LLMEngine(config.engine, detokenize=False)
         self.sender = make_sender(config.kv_transfer, config.worker_id)
-        self._pending: dict[str, asyncio.Future[RequestOutput]] = {}
+        # request id -> (output, the held block ids) once its prefill step is done
+        self._pending: dict[str, asyncio.Future[tuple[RequestOutput, list[int]]]] = {}
+        self._sending: dict[str, bool] = {}  # request id -> aborted during its send
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.loop = EngineLoop(self.engine, self._on_outputs, name=f"{self.worker_id}-engine")
         self.loop.start()
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Engine thread: resolve the futures of requests whose prefill finished."""
+        """Engine thread: resolve the futures of requests whose prefill finished, with
+        the ids of the blocks they hold (read here, where the engine may be touched)."""
         for out in outputs:
             if out.finished and self._aloop is not None:
-                self._aloop.call_soon_threadsafe(self._resolve, out)
+                blocks = (list(self.engine.kv.block_table(out.request_id))
+                          if out.request_id in self.engine.held else [])
+                self._aloop.call_soon_threadsafe(self._resolve, out, blocks)
 
-    def _resolve(self, out: RequestOutput) -> None:
+    def _resolve(self, out: RequestOutput, blocks: list[int]) -> None:
         fut = self._pending.pop(out.request_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(out)
+            fut.set_result((out, blocks))
 
     async def _call(self, fn):  # type: ignore[no-untyped-def]
         return await asyncio.wrap_future(self.loop.call(fn))
@@ -64,7 +82,7 @@ class PrefillWorker:
     async def prefill(self, task: PrefillTask) -> PrefillResult:
         self._aloop = asyncio.get_running_loop()
         rid = task.request_id
-        fut: asyncio.Future[RequestOutput] = self._aloop.create_future()
+        fut: asyncio.Future[tuple[RequestOutput, list[int]]] = self._aloop.create_future()
         self._pending[rid] = fut
         params = dataclasses.replace(task.params, max_tokens=1)
         try:
@@ -73,7 +91,7 @@ class PrefillWorker:
         except BaseException:
             self._pending.pop(rid, None)
             raise
-        out = await fut
+        out, blocks = await fut
         if out.finish_reason == "abort":
             raise PrefillAborted(f"request {rid} was aborted during prefill")
         first = out.token_ids[0]
@@ -87,11 +105,17 @@ class PrefillWorker:
         ends = out.finish_reason == "stop" or task.params.max_tokens == 1
         handle: TransferHandle | None = None
         t0 = time.perf_counter()
+        self._sending[rid] = False
         try:
             if not ends:
-                handle = await self._call(lambda e: self._send(e, task))
+                handle = await self._send(task, blocks)
         finally:
-            await self._call(lambda e: e.release(rid))
+            aborted = self._sending.pop(rid)
+            # Not awaited: the release waits for the engine's step boundary, the result
+            # need not. Commands run in order, so a later pool_state() sees it done.
+            self.loop.call(lambda e: e.release(rid)).add_done_callback(_log_failure)
+        if aborted:
+            raise PrefillAborted(f"request {rid} was aborted during its KV transfer")
         return PrefillResult(
             request_id=rid, first_token=first, logprobs=lp,
             finish_reason=out.finish_reason if ends else None,
@@ -100,20 +124,30 @@ class PrefillWorker:
             transfer_seconds=time.perf_counter() - t0,
         )
 
-    def _send(self, engine: LLMEngine, task: PrefillTask) -> TransferHandle:
-        """Engine thread: ship the prompt's blocks (the held ones) to the decode worker."""
-        n = engine.kv.num_blocks_needed(len(task.token_ids))
-        src = engine.kv.block_table(task.request_id)[:n]
-        return self.sender.send(engine.runner.kv_cache, src, task.dest, task.dest_block_ids,
-                                task.request_id)
+    async def _send(self, task: PrefillTask, blocks: list[int]) -> TransferHandle:
+        """Ship the prompt's blocks (the held ones) to the decode worker."""
+        src = blocks[: self.engine.kv.num_blocks_needed(len(task.token_ids))]
+
+        def send() -> TransferHandle:
+            return self.sender.send(self.engine.runner.kv_cache, src, task.dest,
+                                    task.dest_block_ids, task.request_id)
+
+        if self.sender.send_off_engine_thread:
+            return await asyncio.to_thread(send)
+        return await self._call(lambda _e: send())
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a prefill; its blocks return to the pool. True if it was here."""
+        if request_id in self._sending:
+            # Its blocks are being read by the send: released when the send returns.
+            self._sending[request_id] = True
+            return True
+
         def do(engine: LLMEngine) -> bool:
             if request_id in engine.requests or request_id in engine.held:
                 out = engine.abort(request_id)
                 if out is not None and self._aloop is not None:
-                    self._aloop.call_soon_threadsafe(self._resolve, out)
+                    self._aloop.call_soon_threadsafe(self._resolve, out, [])
                 return True
             return False
 
@@ -129,3 +163,8 @@ class PrefillWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
+
+
+def _log_failure(fut: Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("releasing a prefill's blocks failed: %r", fut.exception())

@@ -9,7 +9,6 @@ timeout is killed and replaced; the router migrates whatever it held.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -73,8 +72,7 @@ class Cluster:
         """Create one worker actor and wait until it has loaded its model."""
         wid = f"{role}-{next(self._ids)}"
         cfg = self.config
-        engine = dataclasses.replace(cfg.engine, num_threads=cfg.threads_per_worker)
-        wcfg = WorkerConfig(worker_id=wid, role=role, engine=engine,
+        wcfg = WorkerConfig(worker_id=wid, role=role, engine=cfg.worker_engine(role),
                             kv_transfer=self.kv_transfer,
                             transfer_timeout_s=cfg.transfer_timeout_s,
                             watermark=cfg.decode_watermark)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
 from engine.worker_config import KV_BACKENDS
 
 
@@ -18,6 +19,13 @@ class RouterConfig:
     threads_per_worker: torch threads (and Ray CPUs) per worker on CPU.
     kv_transfer: "auto" picks cuda-ipc on one GPU node, nccl across GPUs, ray on CPU.
     max_queue: requests allowed to wait for KV room; beyond it new ones are refused.
+    prefill_policy: the prefill workers' scheduler policy (engine.scheduler.policy is
+        what decode and colocated workers use). "shortest_first" keeps a short prompt
+        from waiting behind a long prompt's chunks.
+    prefill_step_tokens: the prefill workers' token budget per step (default: the
+        engine's max_num_batched_tokens). A step cannot be interrupted, so a prompt
+        that arrives mid-step waits for it: smaller steps start short prompts sooner,
+        at some prefill throughput.
     """
 
     mode: str = "disaggregated"
@@ -34,6 +42,8 @@ class RouterConfig:
     health_timeout_s: float = 10.0
     decode_watermark: float = 0.01
     ray_address: str | None = None
+    prefill_policy: str = "shortest_first"
+    prefill_step_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -42,6 +52,11 @@ class RouterConfig:
                      "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"RouterConfig.{name} must be >= 1")
+        if self.prefill_policy not in SCHEDULER_POLICIES:
+            raise ConfigError(f"RouterConfig.prefill_policy {self.prefill_policy!r} is not "
+                              f"one of {', '.join(SCHEDULER_POLICIES)}")
+        if self.prefill_step_tokens is not None and self.prefill_step_tokens < 1:
+            raise ConfigError("RouterConfig.prefill_step_tokens must be >= 1")
         if self.gpus_per_worker < 0:
             raise ConfigError("RouterConfig.gpus_per_worker must be >= 0")
         if self.kv_transfer not in ("auto", *KV_BACKENDS):
@@ -58,3 +73,14 @@ class RouterConfig:
         # Workers that share a GPU cannot use NCCL (one rank per GPU); cuda-ipc works on
         # one node whatever the sharing.
         return "cuda-ipc" if self.gpus_per_worker < 1 else "nccl"
+
+    def worker_engine(self, role: str) -> EngineConfig:
+        """The engine config a worker of this role runs."""
+        engine = dataclasses.replace(self.engine, num_threads=self.threads_per_worker)
+        if role != "prefill":
+            return engine
+        sched = dataclasses.replace(
+            engine.scheduler, policy=self.prefill_policy,
+            max_num_batched_tokens=(self.prefill_step_tokens
+                                    or engine.scheduler.max_num_batched_tokens))
+        return dataclasses.replace(engine, scheduler=sched)

@@ -25,7 +25,7 @@ import tomllib
 import typing
 from typing import Any, NamedTuple
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
 from engine.worker_config import KV_BACKENDS
 from router.config import RouterConfig
 from router.server_config import API_KEY_ENV, ServerConfig
@@ -42,6 +42,10 @@ ROUTER_FLAGS: dict[str, str] = {
     "threads_per_worker": "torch threads (and Ray CPUs) per worker on CPU",
     "kv_transfer": "how KV caches move: auto picks cuda-ipc on one GPU node, nccl across "
                    "GPUs, ray on CPU",
+    "prefill_policy": "prefill workers' scheduling: shortest_first lets short prompts past "
+                      "a long prompt's chunks; fcfs serves in arrival order",
+    "prefill_step_tokens": "prefill workers' token budget per step (default: the engine's "
+                           "max_num_batched_tokens); smaller starts short prompts sooner",
     "ray_address": "join an existing Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of "
                    "starting Ray in this process",
 }
@@ -56,6 +60,7 @@ SERVER_FLAGS: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("disaggregated", "colocated"),
     "kv_transfer": ("auto", *KV_BACKENDS),
+    "prefill_policy": SCHEDULER_POLICIES,
 }
 
 
@@ -84,6 +89,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                            metavar=None if name in CHOICES else metavar,
                            help=help_text + (f" (default: {default})" if default is not None
                                              else ""))
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   default=None,
+                   help="turn the prefix cache off on every worker (engine.cache."
+                        "enable_prefix_caching = false; default: on)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="JSON or TOML file with RouterConfig fields, [engine] and [server]")
 
@@ -104,6 +113,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             server_data[name] = getattr(args, name)
     if args.model is not None:
         data.setdefault("engine", {})["model"] = args.model
+    if getattr(args, "prefix_cache", None) is False:
+        engine = data.setdefault("engine", {})
+        engine["cache"] = {**(engine.get("cache") or {}), "enable_prefix_caching": False}
     return Settings(from_dict(RouterConfig, data, "config"),
                     from_dict(ServerConfig, server_data, "server"))
 

@@ -15,6 +15,7 @@ import yaml
 
 from engine.config import ConfigError
 from router.cli import parser
+from router.config import RouterConfig
 from router.settings import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ SERVE_FLAGS = {
     "--decode-workers": "4", "--workers": "5", "--gpus-per-worker": "0.5",
     "--threads-per-worker": "2", "--kv-transfer": "cuda-ipc", "--host": "0.0.0.0",
     "--port": "6000", "--metrics-port": "6001", "--ray-address": "auto",
-    "--api-key": "k",
+    "--api-key": "k", "--prefill-policy": "fcfs", "--prefill-step-tokens": "128",
 }
 
 
@@ -59,6 +60,25 @@ def test_serve_flags_reach_the_configs() -> None:
         0.5, 2, "cuda-ipc", "auto")
     assert (s.server.host, s.server.port, s.server.metrics_port, s.server.api_key) == (
         "0.0.0.0", 6000, 6001, "k")
+    assert (r.prefill_policy, r.prefill_step_tokens) == ("fcfs", 128)
+    assert r.engine.cache.enable_prefix_caching  # on unless --no-prefix-cache
+
+
+def test_prefill_worker_engine_and_no_prefix_cache_flag() -> None:
+    s = settings_from_args(parser().parse_args(
+        ["serve", "--no-prefix-cache", "--prefill-step-tokens", "96"]))
+    r = s.router
+    assert not r.engine.cache.enable_prefix_caching
+    prefill, decode = r.worker_engine("prefill"), r.worker_engine("decode")
+    assert (prefill.scheduler.policy, prefill.scheduler.max_num_batched_tokens) == (
+        "shortest_first", 96)
+    assert (decode.scheduler.policy, decode.scheduler.max_num_batched_tokens) == (
+        "fcfs", r.engine.scheduler.max_num_batched_tokens)
+    assert not prefill.cache.enable_prefix_caching and not decode.cache.enable_prefix_caching
+    with pytest.raises(ConfigError, match="prefill_policy"):
+        RouterConfig(prefill_policy="lifo")
+    with pytest.raises(ConfigError, match="prefill_step_tokens"):
+        RouterConfig(prefill_step_tokens=0)
 
 
 def test_tls_flags_and_config_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,9 @@ from tests.e2e.runtime_fixtures import GREEDY, RouterHarness, assert_clean, rout
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[RouterHarness]:
-    h = RouterHarness(router_config(prefill_workers=1, decode_workers=2, transfer_timeout_s=5))
+    # 128-token prefill steps: long prompts take many steps (see the shortest-first test).
+    h = RouterHarness(router_config(prefill_workers=1, decode_workers=2, transfer_timeout_s=5,
+                                    prefill_step_tokens=128))
     yield h
     h.close()
 
@@ -50,6 +52,34 @@ def test_shared_prefix_hits_prefix_cache(shared: RouterHarness, llm: LLM) -> Non
     p = next(h for h in shared.router.workers() if h.role == "prefill")
     stats = shared.lt.run(_stats(p))
     assert stats.prefix_hits >= 4
+
+
+def test_short_prompt_is_not_stuck_behind_a_long_ones_chunks(shared: RouterHarness) -> None:
+    # The prefill worker runs "shortest_first" with 128-token steps: a 2000-token prompt
+    # takes 16 steps; a short prompt sent while it prefills starts at the next step and
+    # gets its first token within a few steps (under fcfs it waits for all 16 chunks).
+    long_prompt = [(i * 7919) % 40000 + 100 for i in range(2000)]
+    short_prompt = shared.prompts(1)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    async def ttft(prompt: list[int], delay: float) -> tuple[float, float]:
+        await asyncio.sleep(delay)
+        t0 = asyncio.get_running_loop().time()
+        t = None
+        async for item in shared.router.generate(prompt, params):
+            if isinstance(item, Delta) and t is None:
+                t = asyncio.get_running_loop().time()
+        assert t is not None
+        return t0, t
+
+    async def go() -> tuple[tuple[float, float], tuple[float, float]]:
+        long, short = await asyncio.gather(ttft(long_prompt, 0.0), ttft(short_prompt, 0.5))
+        return long, short
+
+    (long_sent, long_first), (short_sent, short_first) = shared.lt.run(go())
+    assert short_first < long_first
+    assert short_first - short_sent < (long_first - long_sent) / 3
+    assert_clean(shared)
 
 
 async def _stats(h):  # type: ignore[no-untyped-def]

@@ -87,3 +87,61 @@ def test_prefix_hit_counts_cached_tokens() -> None:
     s.add(b)
     assert run_step(s) == [("b", 1, True)]
     assert b.num_cached_tokens == 8
+
+
+def make_sf(num_blocks: int = 64, budget: int = 8, seats: int = 4, bs: int = 4,
+            max_wait_s: float = 10.0) -> Scheduler:
+    kv = KVCacheManager(BlockPool(num_blocks), bs)
+    return Scheduler(SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget,
+                                     policy="shortest_first", max_wait_s=max_wait_s), kv)
+
+
+def test_shortest_first_lets_a_short_prompt_past_a_long_ones_chunks() -> None:
+    s = make_sf(budget=8)
+    s.add(req("long", 30, 0))
+    assert run_step(s) == [("long", 8, False)]
+    s.add(req("short", 3, 100))
+    # fcfs would give "long" the whole budget again; here "short" goes first and "long"
+    # takes what is left.
+    assert run_step(s) == [("short", 3, True), ("long", 5, False)]
+    assert run_step(s) == [("short", 1, True), ("long", 7, False)]
+
+
+def test_shortest_first_orders_waiting_by_length() -> None:
+    s = make_sf(budget=64)
+    for rid, n in (("c", 9, ), ("a", 2), ("b", 5)):
+        s.add(req(rid, n, 10 * len(rid) * n))
+    assert run_step(s) == [("a", 2, True), ("b", 5, True), ("c", 9, True)]
+
+
+def test_shortest_first_serves_a_starving_request_first() -> None:
+    s = make_sf(budget=8, max_wait_s=5.0)
+    old = Request("old", list(range(20)), SamplingParams(max_tokens=100), arrival=0.0)
+    s.add(req("short", 3, 100))
+    s.add(old)  # arrived long ago (monotonic clock 0): past max_wait_s
+    assert run_step(s) == [("old", 8, False)]
+
+
+def test_shortest_first_passes_over_a_prompt_the_pool_cannot_take() -> None:
+    # 4 usable blocks of 4 tokens: a 20-token prompt needs 5, a 6-token one 2.
+    s = make_sf(num_blocks=5, budget=64, bs=4)
+    s.add(req("big", 20, 0))
+    s.add(req("small", 6, 100))
+    assert run_step(s) == [("small", 6, True)]
+    assert [r.request_id for r in s.waiting] == ["big"]
+
+
+def test_shortest_first_preemption_spares_requests_already_in_the_step() -> None:
+    # 4 usable blocks of 4 tokens. The old long prompt b is mid-prefill (2 blocks); the
+    # young short a is admitted first (1 block), then b's next chunk needs 2 more blocks.
+    # The youngest running request is a, but it is already in this step: b must go.
+    s = make_sf(num_blocks=5, budget=8, bs=4)
+    b = req("b", 16, 100)
+    s.add(b)
+    assert run_step(s) == [("b", 8, False)]
+    a = req("a", 3, 0)
+    s.add(a)
+    out = s.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["a"]
+    assert out.preempted == [b] and b.status is RequestStatus.PREEMPTED
+    assert a.status is RequestStatus.RUNNING and s.running == [a]
