@@ -10,13 +10,11 @@ Never `ray stop`: other Ray instances on the machine are not ours.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,9 @@ class Deployment:
     threads: int = 1
     prefix_cache: bool = True
     model: str | None = None
+    gpus_per_worker: float = 0.0  # > 0: GPU workers (fractions share a GPU; cuda-ipc)
+    prefill_step_tokens: int | None = None  # None: the server's default
+    kv_transfer: str | None = None  # None: auto
 
     def args(self) -> list[str]:
         a = ["--mode", self.mode, "--threads-per-worker", str(self.threads)]
@@ -44,14 +45,17 @@ class Deployment:
         else:
             a += ["--prefill-workers", str(self.prefill_workers),
                   "--decode-workers", str(self.decode_workers)]
+            if self.prefill_step_tokens is not None:
+                a += ["--prefill-step-tokens", str(self.prefill_step_tokens)]
         if self.model:
             a += ["--model", self.model]
+        if self.gpus_per_worker:
+            a += ["--gpus-per-worker", str(self.gpus_per_worker)]
+        if self.kv_transfer:
+            a += ["--kv-transfer", self.kv_transfer]
+        if not self.prefix_cache:
+            a.append("--no-prefix-cache")
         return a
-
-    def config(self) -> dict[str, object]:
-        # `pdserve serve` has no flag for the prefix cache; its --config file reaches
-        # EngineConfig.cache.enable_prefix_caching.
-        return {} if self.prefix_cache else {"engine": {"cache": {"enable_prefix_caching": False}}}
 
 
 def free_port() -> int:
@@ -68,7 +72,6 @@ class ServerProcess:
         self.log_path = log_dir / f"server-{dep.name}.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._cfg_file: str | None = None
 
     @property
     def target(self) -> str:
@@ -77,12 +80,6 @@ class ServerProcess:
     def __enter__(self) -> str:
         cmd = [sys.executable, "-m", "router.cli", "serve", *self.dep.args(),
                "--port", str(self.port), "--metrics-port", str(free_port())]
-        cfg = self.dep.config()
-        if cfg:
-            fd, self._cfg_file = tempfile.mkstemp(suffix=".json", prefix="pdserve-bench-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(cfg, f)
-            cmd += ["--config", self._cfg_file]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # OMP_NUM_THREADS=1: the router process itself must not spin torch threads
         # against the workers; workers set their own count (threads_per_worker).
@@ -115,8 +112,5 @@ class ServerProcess:
             os.killpg(p.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(10)
-        if self._cfg_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self._cfg_file)
         self.proc = None
         time.sleep(1.0)  # let the ports and the memory go before the next deployment
