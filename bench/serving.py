@@ -36,6 +36,7 @@ class Deployment:
     model: str | None = None
     gpus_per_worker: float = 0.0  # > 0: GPU workers (fractions share a GPU; cuda-ipc)
     prefill_step_tokens: int | None = None  # None: the server's default
+    step_tokens: int | None = None  # every worker's step budget; None: the engine's
     kv_transfer: str | None = None  # None: auto
 
     def args(self) -> list[str]:
@@ -53,6 +54,8 @@ class Deployment:
             a += ["--gpus-per-worker", str(self.gpus_per_worker)]
         if self.kv_transfer:
             a += ["--kv-transfer", self.kv_transfer]
+        if self.step_tokens is not None:
+            a += ["--max-num-batched-tokens", str(self.step_tokens)]
         if not self.prefix_cache:
             a.append("--no-prefix-cache")
         return a

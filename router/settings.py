@@ -89,6 +89,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                            metavar=None if name in CHOICES else metavar,
                            help=help_text + (f" (default: {default})" if default is not None
                                              else ""))
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="token budget of one engine step on every worker (engine.scheduler."
+                        "max_num_batched_tokens; default: 512)")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="most requests a worker runs at once (engine.scheduler."
+                        "max_num_seqs; default: 64)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    default=None,
                    help="turn the prefix cache off on every worker (engine.cache."
@@ -114,10 +120,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.model is not None:
         data.setdefault("engine", {})["model"] = args.model
     if getattr(args, "prefix_cache", None) is False:
-        engine = data.setdefault("engine", {})
-        engine["cache"] = {**(engine.get("cache") or {}), "enable_prefix_caching": False}
+        _set_engine(data, "cache", "enable_prefix_caching", False)
+    for name in ("max_num_batched_tokens", "max_num_seqs"):
+        if getattr(args, name, None) is not None:
+            _set_engine(data, "scheduler", name, getattr(args, name))
     return Settings(from_dict(RouterConfig, data, "config"),
                     from_dict(ServerConfig, server_data, "server"))
+
+
+def _set_engine(data: dict[str, Any], section: str, key: str, value: Any) -> None:
+    """data["engine"][section][key] = value, keeping what the config file set there."""
+    engine = data.setdefault("engine", {})
+    engine[section] = {**(engine.get(section) or {}), key: value}
 
 
 def load_config_file(path: str) -> dict[str, Any]:

@@ -66,9 +66,12 @@ def test_serve_flags_reach_the_configs() -> None:
 
 def test_prefill_worker_engine_and_no_prefix_cache_flag() -> None:
     s = settings_from_args(parser().parse_args(
-        ["serve", "--no-prefix-cache", "--prefill-step-tokens", "96"]))
+        ["serve", "--no-prefix-cache", "--prefill-step-tokens", "96",
+         "--max-num-batched-tokens", "300", "--max-num-seqs", "7"]))
     r = s.router
     assert not r.engine.cache.enable_prefix_caching
+    assert (r.engine.scheduler.max_num_batched_tokens, r.engine.scheduler.max_num_seqs) == (
+        300, 7)
     prefill, decode = r.worker_engine("prefill"), r.worker_engine("decode")
     assert (prefill.scheduler.policy, prefill.scheduler.max_num_batched_tokens) == (
         "shortest_first", 96)
