@@ -40,7 +40,7 @@ class SuiteConfig:
     """rates: the interference sweep (stream requests/s); ref_rate: where the no-burst
     baseline and the timelines are taken. duration_s: how long arrivals go on."""
 
-    rates: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    rates: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5)
     ref_rate: float = 1.0
     duration_s: float = 50.0
     chat_rate: float = 1.0
@@ -182,6 +182,9 @@ def headline(runs: list[Run]) -> dict[str, object]:
     g_d = _get(out, "disaggregated", "goodput_rps")
     g_c = _get(out, "colocated", "goodput_rps")
     out["goodput_ratio_disagg_over_colocated"] = (g_d / g_c) if g_d and g_c else None
+    s_d = _get(out, "disaggregated", "stream_goodput_rps")
+    s_c = _get(out, "colocated", "stream_goodput_rps")
+    out["stream_goodput_ratio_disagg_over_colocated"] = (s_d / s_c) if s_d and s_c else None
     on = next((r for r in runs if r.deployment == "disaggregated"
                and r.workload == "shared-prefix"), None)
     off = next((r for r in runs if r.deployment == "disaggregated-noprefix"), None)

@@ -212,8 +212,8 @@ class SchedulerConfig:
         a new prompt). "shortest_first": every unfinished request, running or waiting,
         by the tokens it still has to compute, fewest first (prefill workers: a short
         prompt is not stuck behind a long prompt's chunks).
-    max_wait_s: under "shortest_first", a request that arrived this long ago goes
-        before shorter ones (oldest first), so long prompts are never starved.
+    max_wait_s: under "shortest_first", a request that has gone this long without being
+        given any tokens goes before shorter ones, so long prompts are never starved.
     """
 
     max_num_seqs: int = 64

@@ -89,6 +89,9 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of this request's full blocks
         self.status = RequestStatus.WAITING
         self.times = RequestTimes() if arrival is None else RequestTimes(arrival=arrival)
+        # When the scheduler last gave it tokens (arrival until then): "shortest_first"
+        # serves a request that has gone max_wait_s without any first.
+        self.last_scheduled = self.times.arrival
         self.num_preemptions = 0
         self.logprobs: list[TokenLogprobs] = []
         self.stop_token_ids = frozenset(params.stop_token_ids)

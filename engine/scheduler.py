@@ -14,9 +14,10 @@ v1 style). Each step:
 That is the "fcfs" policy. Prefill workers use "shortest_first" instead: running and
 waiting requests together, by the tokens each still has to compute, fewest first, so a
 short prompt that arrives behind a long one starts at the next step and the long one
-takes what budget is left (a request older than ``max_wait_s`` goes first, so long
-prompts are never starved). Preemption works the same in both: the victim is the
-youngest running request not already scheduled in this step.
+takes what budget is left. A request that has gone ``max_wait_s`` without being given
+any tokens goes first, so long prompts are never starved (one that gets the leftover
+budget each step is progressing and keeps its place). Preemption works the same in
+both: the victim is the youngest running request not already scheduled in this step.
 
 The scheduler owns the running/waiting queues and the request statuses; the
 KVCacheManager owns the blocks.
@@ -137,16 +138,20 @@ class Scheduler:
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 if n > 0 and self._allocate_or_preempt(req, n, out):
                     out.chunks.append(ScheduledChunk.of(req, n))
+                    req.last_scheduled = now
                     budget -= n
             elif not out.preempted and len(self.running) < self.config.max_num_seqs:
                 # A waiting request the pool cannot take now is passed over, not waited
                 # for: a shorter one behind it may fit.
-                budget -= self._admit(req, budget, out)
+                n = self._admit(req, budget, out)
+                if n:
+                    req.last_scheduled = now
+                    budget -= n
         return out
 
     def _rank(self, req: Request, now: float) -> tuple[int, float]:
-        if now - req.times.arrival >= self.config.max_wait_s:
-            return (0, req.times.arrival)
+        if now - req.last_scheduled >= self.config.max_wait_s:
+            return (0, req.last_scheduled)  # starving: longest without tokens first
         return (1, req.num_tokens - req.num_computed_tokens)
 
     def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:

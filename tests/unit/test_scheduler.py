@@ -118,8 +118,19 @@ def test_shortest_first_serves_a_starving_request_first() -> None:
     s = make_sf(budget=8, max_wait_s=5.0)
     old = Request("old", list(range(20)), SamplingParams(max_tokens=100), arrival=0.0)
     s.add(req("short", 3, 100))
-    s.add(old)  # arrived long ago (monotonic clock 0): past max_wait_s
+    s.add(old)  # arrived long ago (monotonic clock 0) and never given tokens
     assert run_step(s) == [("old", 8, False)]
+
+
+def test_shortest_first_a_long_prompt_that_progresses_is_not_starving() -> None:
+    s = make_sf(budget=8, max_wait_s=5.0)
+    old = Request("old", list(range(20)), SamplingParams(max_tokens=100), arrival=0.0)
+    s.add(old)
+    assert run_step(s) == [("old", 8, False)]  # given tokens now: no longer starving
+    s.add(req("short", 3, 100))
+    assert run_step(s) == [("short", 3, True), ("old", 5, False)]
+    old.last_scheduled -= 10  # then nothing for 10 s: it goes first again
+    assert run_step(s) == [("old", 7, True), ("short", 1, True)]
 
 
 def test_shortest_first_passes_over_a_prompt_the_pool_cannot_take() -> None:
