@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="workloads to leave out (default: long-prompt; give --skip "
                             "with no names to run everything)")
     suite.add_argument("--modes", nargs="+", default=None,
-                       choices=("disaggregated", "colocated"))
+                       choices=("disaggregated", "colocated", "colocated-step128"))
     suite.add_argument("--quick", action="store_true",
                        help="a smoke run: two rates, 15 s each, no long-prompt")
     suite.set_defaults(func=cmd_suite)

@@ -82,6 +82,10 @@ DEPLOYMENTS = {
     "disaggregated-noprefix": Deployment("disaggregated-noprefix", mode="disaggregated",
                                          prefill_step_tokens=PREFILL_STEP_TOKENS,
                                          prefix_cache=False),
+    # Not in the default suite: the baseline with the same small step budget on both its
+    # workers (`--modes colocated-step128`), to check the budget is not what decides.
+    "colocated-step128": Deployment("colocated-step128", mode="colocated", workers=2,
+                                    step_tokens=PREFILL_STEP_TOKENS),
 }
 
 
@@ -155,7 +159,8 @@ def headline(runs: list[Run]) -> dict[str, object]:
     """The numbers the targets are stated in."""
     out: dict[str, object] = {}
     by = {(r.deployment, r.workload, r.rate): r for r in runs}
-    for dep in ("disaggregated", "colocated"):
+    ran = {r.deployment for r in runs}
+    for dep in (d for d in ("disaggregated", "colocated", "colocated-step128") if d in ran):
         pts = [(r.rate, r.summary["slo_attainment"]) for r in runs
                if r.deployment == dep and r.workload == "interference"]
         pts_s = [(r.rate, (r.stream_summary or {}).get("slo_attainment")) for r in runs
