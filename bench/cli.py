@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "with no names to run everything)")
     suite.add_argument("--modes", nargs="+", default=None,
                        choices=("disaggregated", "colocated", "colocated-step128"))
+    suite.add_argument("--model", default=None,
+                       help="model of every deployment (default: the server's, smollm2-135m)")
+    suite.add_argument("--gpus-per-worker", type=float, default=None,
+                       help="GPU runs: GPUs per worker (0.5: prefill and decode share one)")
     suite.add_argument("--quick", action="store_true",
                        help="a smoke run: two rates, 15 s each, no long-prompt")
     suite.set_defaults(func=cmd_suite)
@@ -110,7 +114,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, rates=(0.5, 1.0), duration_s=15.0, chat_duration_s=8.0,
                                   shared_requests=4, skip=("long-prompt",))
     over = {"rates": tuple(args.rates) if args.rates else None, "ref_rate": args.ref_rate,
-            "duration_s": args.duration, "modes": tuple(args.modes) if args.modes else None}
+            "duration_s": args.duration, "modes": tuple(args.modes) if args.modes else None,
+            "model": args.model, "gpus_per_worker": args.gpus_per_worker}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if args.skip is not None:
         cfg = dataclasses.replace(cfg, skip=tuple(args.skip))
@@ -124,9 +129,10 @@ def cmd_suite(args: argparse.Namespace) -> int:
     summary["suite_wall_s"] = time.monotonic() - t0
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving-cpu.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "serving-cpu-records.json").write_text(json.dumps(records) + "\n")
-    for path in draw_all(summary, records, out):
+    prefix = "serving-gpu" if cfg.gpus_per_worker else "serving-cpu"
+    (out / f"{prefix}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / f"{prefix}-records.json").write_text(json.dumps(records) + "\n")
+    for path in draw_all(summary, records, out, prefix=prefix):
         sys.stderr.write(f"[bench] wrote {path}\n")
     print(markdown(summary))
     print(json.dumps(summary["headline"], indent=1))
@@ -158,9 +164,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from bench.tables import markdown
 
     out = Path(args.out_dir)
-    summary = json.loads((out / "serving-cpu.json").read_text())
-    records = json.loads((out / "serving-cpu-records.json").read_text())
-    for path in draw_all(summary, records, out):
+    prefix = "serving-cpu" if (out / "serving-cpu.json").exists() else "serving-gpu"
+    summary = json.loads((out / f"{prefix}.json").read_text())
+    records = json.loads((out / f"{prefix}-records.json").read_text())
+    for path in draw_all(summary, records, out, prefix=prefix):
         print(path)
     print(markdown(summary))
     return 0

@@ -11,6 +11,7 @@ one deployment at a time on the same machine, results as JSON.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,10 @@ class SuiteConfig:
     # alone would blow the suite's 15-minute budget.
     skip: tuple[str, ...] = ("long-prompt",)
     modes: tuple[str, ...] = ("disaggregated", "colocated")
+    # GPU runs: a model (e.g. dummy:llama-3-8b) and GPUs per worker (0.5: prefill and
+    # decode share one GPU through cuda-ipc); the CPU step budgets are then dropped.
+    model: str | None = None
+    gpus_per_worker: float = 0.0
 
 
 @dataclass
@@ -140,6 +145,16 @@ async def deployment_runs(dep: str, target: str, cfg: SuiteConfig) -> list[Run]:
     return runs
 
 
+def deployment(name: str, cfg: SuiteConfig) -> Deployment:
+    dep = DEPLOYMENTS[name]
+    if cfg.model:
+        dep = dataclasses.replace(dep, model=cfg.model)
+    if cfg.gpus_per_worker:
+        dep = dataclasses.replace(dep, gpus_per_worker=cfg.gpus_per_worker,
+                                  prefill_step_tokens=None, step_tokens=None)
+    return dep
+
+
 def run_suite(cfg: SuiteConfig) -> list[Run]:
     runs: list[Run] = []
     log_dir = Path(cfg.out_dir) / "logs"
@@ -147,7 +162,7 @@ def run_suite(cfg: SuiteConfig) -> list[Run]:
     if "shared-prefix" not in cfg.skip and "disaggregated" in deps:
         deps.append("disaggregated-noprefix")
     for dep in deps:
-        with ServerProcess(DEPLOYMENTS[dep], log_dir) as target:
+        with ServerProcess(deployment(dep, cfg), log_dir) as target:
             try:
                 runs += asyncio.run(deployment_runs(dep, target, cfg))
             except Exception as e:  # keep what the other deployments measured
