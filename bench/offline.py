@@ -24,19 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workloads import TOPICS
 from engine import LLM, SamplingParams
 from engine.weights import load_model_config, load_state_dict, resolve_model
-
-TOPICS = [
-    "the water cycle", "black holes", "the French revolution", "how vaccines work",
-    "compound interest", "the history of jazz", "photosynthesis", "machine learning",
-    "the Roman empire", "plate tectonics", "how a CPU works", "the stock market",
-    "climate change", "the human heart", "quantum computing", "the printing press",
-    "volcanoes", "the internet", "DNA", "renewable energy", "the moon landing",
-    "coffee brewing", "chess openings", "the Olympic games", "honey bees",
-    "electric cars", "the Great Wall of China", "sleep", "origami", "rainbows",
-    "the violin", "tea ceremonies",
-]
 
 
 def workload(n: int = 32) -> tuple[list[list[dict[str, str]]], list[int]]:

@@ -41,8 +41,8 @@ def burst_table(summary: dict[str, Any]) -> str:
     rows = ["| deployment | ITL p50 / p99 outside bursts (ms) | ITL p50 / p99 in bursts (ms) | "
             "stream TTFT p50 arriving outside / in bursts (ms) | server queue p50 in bursts "
             "(ms) | server prefill p50 in bursts (ms) |", "|" + "---|" * 6]
-    for dep in ("disaggregated", "colocated"):
-        b = (summary["headline"].get(dep) or {}).get("burst_split")
+    for dep, h in summary["headline"].items():
+        b = h.get("burst_split") if isinstance(h, dict) else None
         if not b:
             continue
         inn, out = b["streams_arriving_in_bursts"], b["streams_arriving_outside_bursts"]

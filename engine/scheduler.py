@@ -128,21 +128,19 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         now = time.monotonic()
-        running = {id(r) for r in self.running}
         for req in sorted([*self.running, *self.waiting], key=lambda r: self._rank(r, now)):
             if budget <= 0:
                 break
-            if id(req) in running:
-                if req.status is not RequestStatus.RUNNING:
-                    continue  # preempted earlier in this step
+            if req.status is RequestStatus.RUNNING:
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 if n > 0 and self._allocate_or_preempt(req, n, out):
                     out.chunks.append(ScheduledChunk.of(req, n))
                     req.last_scheduled = now
                     budget -= n
             elif not out.preempted and len(self.running) < self.config.max_num_seqs:
-                # A waiting request the pool cannot take now is passed over, not waited
-                # for: a shorter one behind it may fit.
+                # (Requests preempted in this step are waiting again, and nothing is
+                # admitted after a preemption.) A waiting request the pool cannot take
+                # now is passed over, not waited for: a shorter one behind it may fit.
                 n = self._admit(req, budget, out)
                 if n:
                     req.last_scheduled = now
@@ -155,8 +153,10 @@ class Scheduler:
         return (1, req.num_tokens - req.num_computed_tokens)
 
     def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
-        scheduled = {id(c.request) for c in out.chunks}
+        scheduled: set[int] | None = None  # built only when the pool is short
         while not self.kv.allocate(req, n):
+            if scheduled is None:
+                scheduled = {id(c.request) for c in out.chunks}
             # The youngest running request not already in this step; req is not, so
             # there always is one. Under fcfs this is simply the youngest.
             victim = next(r for r in reversed(self.running) if id(r) not in scheduled)
