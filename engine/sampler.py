@@ -7,6 +7,12 @@ Per row, in order::
                                          ─► min-p ─► inverse-CDF draw
     raw logits ──► log_softmax ─► logprobs (when asked; never sees penalties/temperature)
 
+A row whose logits hold a NaN or +inf, or no finite value at all, cannot be sampled
+honestly: its SampledToken carries ``error`` (the engine fails that request alone) and
+a token id that is still inside the vocabulary, so nothing downstream indexes past it.
+The same holds for a row whose distribution ends up with no positive mass. Whatever
+happens, every returned id is in [0, V).
+
 Everything is batched over the rows that need it; Python loops run only over rows with
 their own generator (one uniform draw each) and over the results. A row's draw depends
 only on its own logits and its generator, so a seeded request gets the same tokens
@@ -30,6 +36,11 @@ from engine.sampling_params import SamplingParams
 # rows costs ~8 / 30 / 60 ms for k = 128 / 1024 / 8192 against ~235 ms for a full sort,
 # which is left for rows nearly flat over thousands of tokens.
 _TOP_P_ROUNDS = (128, 1024, 8192)
+# A logprob of -inf (a token the model rules out) is reported as this, as OpenAI's API
+# does: JSON has no infinity, and every client can sort and compare a finite number.
+LOGPROB_FLOOR = -9999.0
+NONFINITE_LOGITS = "the model produced NaN or infinite logits for this request"
+NO_MASS = "no token has positive probability after penalties and truncation"
 
 
 @dataclass
@@ -51,6 +62,9 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # log_softmax of the raw logits, when params.logprobs is set
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # most likely first
+    # Set when the row could not be sampled (see the module doc); token_id is then a
+    # placeholder inside the vocabulary and must not be used as the request's token.
+    error: str | None = None
 
 
 class Sampler:
@@ -66,9 +80,14 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         if not rows:
             return []
+        vocab = logits.shape[1]
+        # amax propagates NaN: one reduction finds rows with a NaN, a +inf, or no
+        # finite logit at all.
+        broken = ~torch.isfinite(logits.amax(dim=-1))  # (S,)
         has_penalties = any(r.params.has_penalties for r in rows)
         x = apply_penalties(logits, rows) if has_penalties else logits  # (S, V)
         sample_idx = [i for i, r in enumerate(rows) if not r.params.greedy]
+        no_mass = torch.zeros_like(broken)
         if not sample_idx:
             token_ids = x.argmax(dim=-1)  # the common all-greedy batch: one kernel
         else:
@@ -78,12 +97,16 @@ class Sampler:
                 token_ids[greedy_idx] = x[greedy_idx].argmax(dim=-1)
             sampled_rows = [rows[i] for i in sample_idx]
             sub = x if len(sample_idx) == len(rows) else x[sample_idx]
-            token_ids[sample_idx] = self._sample(sub, sampled_rows)
-        ids: list[int] = token_ids.tolist()
-        return _with_logprobs(logits, rows, ids)
+            token_ids[sample_idx], no_mass[sample_idx] = self._sample(sub, sampled_rows)
+        ids: list[int] = token_ids.clamp_(0, vocab - 1).tolist()
+        errors = [NONFINITE_LOGITS if b else NO_MASS if m else None
+                  for b, m in zip(broken.tolist(), no_mass.tolist(), strict=True)]
+        return _with_logprobs(logits, rows, ids, errors)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        # logits: (n, V) -> token ids (n,)
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (n, V) -> token ids (n,) and whether each row had no mass to draw from."""
         temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
         z = logits.float() / temps[:, None]  # a fresh tensor: safe to edit in place
         _top_k_(z, [r.params.top_k for r in rows])
@@ -219,31 +242,38 @@ def _min_p_(probs: torch.Tensor, min_p: list[float]) -> None:
     probs[idx] = sub.mul_(sub >= threshold)
 
 
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from unnormalised probs (n, V) with uniforms u (n,).
+
+    Returns the ids (n,) and a mask (n,) of rows whose total mass is not a positive
+    finite number: their id is meaningless (possibly V) and the caller must not use it.
 
     One uniform per row (not V exponentials as the Gumbel trick needs) keeps a row's
     draw a function of its own generator and costs a cumsum: ~20x cheaper on CPU.
     """
     cdf = probs.cumsum_(dim=-1)  # (n, V); in place: the caller is done with probs
+    total = cdf[:, -1:]  # (n, 1)
     # u < 1, so the target stays below the total even after rounding: some cdf entry
     # exceeds it, and the first that does follows a step up, so a token with
     # probability 0 is never drawn.
-    target = u[:, None] * cdf[:, -1:]  # (n, 1)
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    target = u[:, None] * total  # (n, 1)
+    no_mass = ~(torch.isfinite(total[:, 0]) & (total[:, 0] > 0))
+    return torch.searchsorted(cdf, target, right=True)[:, 0], no_mass
 
 
 def _with_logprobs(
-    logits: torch.Tensor, rows: list[SamplingRow], ids: list[int]
+    logits: torch.Tensor, rows: list[SamplingRow], ids: list[int], errors: list[str | None]
 ) -> list[SampledToken]:
-    out = [SampledToken(token_id=t) for t in ids]
-    idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    out = [SampledToken(token_id=t, error=e) for t, e in zip(ids, errors, strict=True)]
+    # A failed row gets no logprobs: its distribution is what failed.
+    idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None and errors[i] is None]
     if not idx:
         return out
     logprobs = logits[idx].float().log_softmax(dim=-1)  # (m, V), raw distribution
+    logprobs.clamp_(min=LOGPROB_FLOOR)  # -inf -> the floor; rows here hold no NaN
     chosen = torch.tensor([ids[i] for i in idx], device=logits.device)[:, None]
     chosen_lp: list[float] = logprobs.gather(1, chosen)[:, 0].tolist()
-    n_top = max(rows[i].params.logprobs or 0 for i in idx)
+    n_top = min(max(rows[i].params.logprobs or 0 for i in idx), logprobs.shape[1])
     top_lp: list[list[float]] = [[] for _ in idx]
     top_ids: list[list[int]] = [[] for _ in idx]
     if n_top > 0:

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
+
+# The sampler computes in fp32. A temperature of 1e-300 is 0 there, and logits / 0 is
+# inf/NaN: the draw then lands outside the vocabulary. Below 0.01 a temperature is
+# greedy in all but name (a logit gap of 0.2 is already a factor e^20), so the
+# positive range starts there and 0 stays the one way to ask for greedy. 0.01 also
+# keeps logits / temperature finite for any logit below ~3e36.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+# repetition_penalty divides or multiplies logits: far outside [0.01, 100] it only
+# pushes them towards 0 or fp32's overflow, never to a more useful distribution.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
 
 
 class SamplingParamsError(ValueError):
@@ -21,13 +37,14 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature: 0 means greedy (argmax); > 0 scales logits before sampling.
+    temperature: 0 means greedy (argmax); otherwise in [0.01, 100], dividing the logits
+        before sampling (values between 0 and 0.01 are rejected: see MIN_TEMPERATURE).
     top_k: keep the k most likely tokens; 0 (or -1) disables.
     top_p: keep the smallest set whose probability mass reaches top_p; 1 disables.
     min_p: drop tokens whose probability is below min_p * p(max); 0 disables.
     seed: per-request seed; the same seed gives the same tokens whatever the batch.
-    repetition_penalty: HF/CTRL style, applied to tokens seen in prompt or output (> 0;
-        1 disables). presence_penalty / frequency_penalty: OpenAI style, applied to
+    repetition_penalty: HF/CTRL style, applied to tokens seen in prompt or output
+        ([0.01, 100]; 1 disables). presence_penalty / frequency_penalty: OpenAI style, applied to
         tokens in the output (-2..2; 0 disables).
     stop: strings that end generation; the matched string is excluded from the text.
     stop_token_ids: token ids that end generation (kept in token_ids, not in text).
@@ -36,6 +53,9 @@ class SamplingParams:
     logprobs: when set, return the sampled token's log-probability and this many top
         alternatives (0..20). Log-probabilities are of the model's raw distribution,
         before temperature and truncation.
+
+    Every float field must be a finite number (NaN and infinities are rejected), and
+    ranges are checked as the fp32 sampler will see them.
     """
 
     temperature: float = 1.0
@@ -65,16 +85,24 @@ class SamplingParams:
         def bad(name: str, msg: str) -> SamplingParamsError:
             return SamplingParamsError(name, msg)
 
-        if not 0.0 <= self.temperature <= 100.0:
-            raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
+        for name in _FLOAT_FIELDS:
+            _check_finite(name, getattr(self, name))
+        for name in ("top_k", "max_tokens"):
+            _check_int(name, getattr(self, name))
+        t = self.temperature
+        if t != 0.0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, "
+                      f"{MAX_TEMPERATURE:g}], got {t}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise bad("top_k", f"must be >= 0 (or -1 to disable), got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0.0:
-            raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        rp = self.repetition_penalty
+        if not MIN_REPETITION_PENALTY <= rp <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, "
+                      f"{MAX_REPETITION_PENALTY:g}], got {rp}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
@@ -103,3 +131,20 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+def _check_finite(name: str, value: object) -> None:
+    # bool is an int: True would pass as 1.0 and hide a caller's mix-up of fields.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SamplingParamsError(name, f"must be a number, got {type(value).__name__}")
+    try:
+        finite = math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise SamplingParamsError(name, f"must be a finite number, got {value}")
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SamplingParamsError(name, f"must be an integer, got {value!r}")
