@@ -139,6 +139,15 @@ class BlockPool:
         # First writer wins: a duplicate block stays private and is simply not indexed.
         self._cached.setdefault(block_hash, block_id)
 
+    def uncache(self, block_id: int) -> None:
+        """Forget a block's prefix-cache entry (its KV is suspect: a request failed)."""
+        blk = self.blocks[block_id]
+        if blk.block_hash is None:
+            return
+        if self._cached.get(blk.block_hash) == block_id:
+            del self._cached[blk.block_hash]
+        blk.block_hash = None
+
     def reset_prefix_cache(self) -> None:
         for bid in list(self._cached.values()):
             self.blocks[bid].block_hash = None

@@ -93,10 +93,14 @@ class EngineLoop:
                 self._on_outputs(outputs)
 
     def _fail_all(self, err: Exception) -> None:
-        """A step raised: abort every request (freeing blocks) so none hangs."""
+        """A step raised outside what the engine isolates per request (a request that
+        breaks the forward pass, sampling or post-processing fails alone, inside
+        ``step()``): the engine's own state is now suspect, so every request ends with
+        finish reason "error" (freeing its blocks) rather than hanging."""
         outs = []
+        message = f"engine step failed: {type(err).__name__}: {err}"
         for rid in list(self.engine.requests):
-            out = self.engine.abort(rid)
+            out = self.engine.abort(rid, error=message)
             if out is not None:
                 outs.append(out)
         if outs:

@@ -84,9 +84,18 @@ class KVCacheManager:
         for i in range(n_full):
             self.pool.cache_block(blocks[i], req.block_hashes[i])
 
-    def free(self, req: Request) -> None:
-        """Return all of a request's blocks to the pool, tail first (evicted first)."""
+    def free(self, req: Request, *, discard: bool = False) -> None:
+        """Return all of a request's blocks to the pool, tail first (evicted first).
+
+        ``discard``: the request failed and its KV may be garbage, so the blocks only it
+        holds leave the prefix cache too. Blocks other requests also hold are kept: they
+        were computed by whichever request cached them first, and serve those requests.
+        """
         blocks = self.req_blocks.pop(req.request_id, [])
+        if discard:
+            for bid in blocks:
+                if self.pool.blocks[bid].ref_count == 1:
+                    self.pool.uncache(bid)
         self.pool.free_blocks(reversed(blocks))
 
     def _update_hashes(self, req: Request, upto_tokens: int) -> None:

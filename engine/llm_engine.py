@@ -8,6 +8,8 @@ the offline LLM API and the workers drive it.
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +25,13 @@ from engine.outputs import RequestMetrics, RequestOutput
 from engine.request import Request, RequestStatus, TokenLogprobs
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from engine.step_isolation import ChunkResult, run_isolated
 from engine.tokenizer import Tokenizer
 from engine.validation import validate_prompt
 from engine.weights import ModelSource, load_model_config, load_state_dict, resolve_model
+
+log = logging.getLogger(__name__)
 
 MAX_POSITIONS_CAP = 32768  # RoPE table and default context cap for very long-context models
 
@@ -224,16 +229,22 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
         )
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, *, error: str | None = None) -> RequestOutput | None:
         """Cancel a request wherever it is (queued, running, reserved, or finished but
         holding blocks for a transfer); its blocks return to the pool at once.
-        Returns the aborted request's output, or None if it had already finished."""
+        Returns the aborted request's output, or None if it had already finished.
+
+        ``error``: the engine, not the client, gives up on it: it ends with finish
+        reason "error" and this message, and its blocks leave the prefix cache.
+        """
         if request_id in self.held:
             self.release(request_id)
             return None
         req = self.requests.get(request_id)
         if req is None:
             raise RequestNotFoundError(request_id)
+        if error is not None:
+            return self._fail(req, error)
         self.scheduler.abort(req)
         return self._finish_output(req, [], "")
 
@@ -242,14 +253,49 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run, post-process. A request that breaks the step (its forward
+        pass or sampling raises, its logits are not finite, its post-processing raises)
+        ends with finish reason "error"; its batch mates continue as if it were absent."""
         sched = self.scheduler.schedule()
         migrated = self._handle_preempted(sched)
         if sched.empty:
             return migrated
-        tables = [self.kv.block_table(c.request.request_id) for c in sched.chunks]
-        sampled = self.runner.execute(sched.chunks, tables)
-        self.scheduler.update_after_step(sched)
-        return migrated + self._postprocess(sched, sampled)
+        results = self._execute(sched)
+        failed = [self._fail(c.request, r.error)
+                  for c, r in zip(sched.chunks, results, strict=True) if r.error is not None]
+        ok = [(c, r) for c, r in zip(sched.chunks, results, strict=True) if not r.failed]
+        # Failed chunks are left out: their KV is not indexed in the prefix cache.
+        self.scheduler.update_after_step(SchedulerOutput([c for c, _ in ok]))
+        return migrated + failed + self._postprocess(ok)
+
+    def _execute(self, sched: SchedulerOutput) -> list[ChunkResult]:
+        """One forward pass over the step's chunks, bisected on failure (see
+        engine.step_isolation); sampler-flagged rows come back as failures."""
+        chunks = sched.chunks
+        tables = [self.kv.block_table(c.request.request_id) for c in chunks]
+        sampler = self.runner.sampler
+
+        def run(idx: list[int]) -> list[SampledToken]:
+            return self.runner.execute([chunks[i] for i in idx], [tables[i] for i in idx])
+
+        def checkpoint(idx: list[int]) -> Callable[[], None]:
+            gens = [g for i in idx if chunks[i].samples
+                    and (g := chunks[i].request.generator) is not None]
+            states = [g.get_state() for g in gens]
+            shared = sampler.rng_state()
+
+            def restore() -> None:
+                for g, st in zip(gens, states, strict=True):
+                    g.set_state(st)
+                sampler.set_rng_state(shared)
+
+            return restore
+
+        results = run_isolated([c.samples for c in chunks], run, checkpoint)
+        for r in results:
+            if r.token is not None and r.token.error is not None:
+                r.error, r.token = r.token.error, None
+        return results
 
     def _handle_preempted(self, sched: SchedulerOutput) -> list[RequestOutput]:
         self.num_preemptions += len(sched.preempted)
@@ -261,35 +307,53 @@ class LLMEngine:
             outs.append(self._finish_output(req, [], ""))
         return outs
 
-    def _postprocess(
-        self, sched: SchedulerOutput, sampled: list[SampledToken]
-    ) -> list[RequestOutput]:
+    def _postprocess(self, done: list[tuple[ScheduledChunk, ChunkResult]]
+                     ) -> list[RequestOutput]:
         outputs = []
-        it = iter(sampled)
-        for chunk in sched.chunks:
-            if not chunk.samples:
-                continue
-            req, tok = chunk.request, next(it)
-            lp = None
-            if req.params.logprobs is not None and tok.logprob is not None:
-                lp = TokenLogprobs(tok.logprob, tok.top_logprobs)
-            req.append_token(tok.token_id, lp)
-            status = req.check_stop_token(self.max_model_len)
-            delta = ""
-            detok = self.detoks.get(req.request_id)
-            if detok is not None:
-                step = detok.add_token(tok.token_id)
-                delta = step.delta
-                if step.stopped:
-                    status = RequestStatus.FINISHED_STOPPED
-            if status is not None:
-                self.scheduler.finish(req, status)
-                if detok is not None:
-                    delta += detok.flush()
-                outputs.append(self._finish_output(req, [tok.token_id], delta))
-            else:
-                outputs.append(self._output(req, [tok.token_id], delta))
+        for chunk, res in done:
+            if res.token is None:
+                continue  # a prefill chunk that does not reach the prompt's end
+            try:
+                outputs.append(self._append_token(chunk.request, res.token))
+            except Exception as e:  # this request's bug; the rest of the batch goes on
+                log.warning("post-processing %s failed", chunk.request.request_id,
+                            exc_info=True)
+                outputs.append(self._fail(chunk.request, f"{type(e).__name__}: {e}"))
         return outputs
+
+    def _append_token(self, req: Request, tok: SampledToken) -> RequestOutput:
+        lp = None
+        if req.params.logprobs is not None and tok.logprob is not None:
+            lp = TokenLogprobs(tok.logprob, tok.top_logprobs)
+        req.append_token(tok.token_id, lp)
+        status = req.check_stop_token(self.max_model_len)
+        delta = ""
+        detok = self.detoks.get(req.request_id)
+        if detok is not None:
+            step = detok.add_token(tok.token_id)
+            delta = step.delta
+            if step.stopped:
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None:
+            return self._output(req, [tok.token_id], delta)
+        self.scheduler.finish(req, status)
+        if detok is not None:
+            delta += detok.flush()
+        return self._finish_output(req, [tok.token_id], delta)
+
+    def _fail(self, req: Request, error: str) -> RequestOutput:
+        """End a request the engine could not compute: finish reason "error", blocks
+        freed (never held: there is nothing to ship) and out of the prefix cache."""
+        if req.finished:  # it finished this step, then producing its output failed
+            self.kv.free(req, discard=True)  # held blocks, if any; else a no-op
+        else:
+            self.scheduler.fail(req)
+        out = self._output(req, [], "")
+        out.finish_reason, out.error = RequestStatus.FINISHED_ERROR.value, error
+        self.requests.pop(req.request_id, None)
+        self.detoks.pop(req.request_id, None)
+        self.held.pop(req.request_id, None)
+        return out
 
     def _output(self, req: Request, new: list[int], delta: str) -> RequestOutput:
         detok = self.detoks.get(req.request_id)

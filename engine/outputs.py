@@ -28,7 +28,9 @@ class RequestOutput:
 
     ``new_token_ids`` / ``delta_text`` are what this step added (for streaming);
     ``token_ids`` / ``text`` are everything so far. ``finish_reason`` is None until the
-    request ends, then "stop", "length" or "abort".
+    request ends, then "stop", "length", "abort", "error" (the engine could not compute
+    this request: ``error`` says why; its batch mates were not affected) or "migrated"
+    (decode workers: it continues on another worker).
     """
 
     request_id: str
@@ -41,6 +43,7 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set with finish_reason "error": what failed, for logs
 
     @property
     def finished(self) -> bool:

@@ -7,7 +7,8 @@ timestamped in one place::
     RUNNING -> PREEMPTED -> RUNNING          (blocks ran out: recompute later)
     RUNNING -> PREEMPTED -> MIGRATED         (decode workers: the router re-prefills it
                                               elsewhere instead of recomputing here)
-    any unfinished -> FINISHED_ABORTED       (client gone, error, shutdown)
+    any unfinished -> FINISHED_ABORTED       (client gone, shutdown)
+    any unfinished -> FINISHED_ERROR         (this request broke a step: failed alone)
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the engine could not compute it; its batch mates went on
     MIGRATED = "migrated"  # left this engine to continue elsewhere; not a client finish
 
     @property
     def finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED, RequestStatus.MIGRATED)
+                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR,
+                        RequestStatus.MIGRATED)
 
 
 _ALLOWED: dict[RequestStatus, set[RequestStatus]] = {
     RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED,
-                            RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED},
+                            RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED,
+                            RequestStatus.FINISHED_ERROR},
     RequestStatus.RUNNING: {RequestStatus.PREEMPTED, RequestStatus.FINISHED_STOPPED,
-                            RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED},
+                            RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                            RequestStatus.FINISHED_ERROR},
     RequestStatus.PREEMPTED: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED,
-                              RequestStatus.MIGRATED},
+                              RequestStatus.FINISHED_ERROR, RequestStatus.MIGRATED},
 }
 
 

@@ -129,6 +129,18 @@ class Sampler:
                 u[i : i + 1] = torch.rand(1, generator=g, device=g.device).to(device)
         return u
 
+    def rng_state(self) -> dict[torch.device, torch.Tensor]:
+        """The shared generators' states: a step that failed is replayed from them, so
+        its discarded draws do not shift what the retry samples."""
+        return {d: g.get_state() for d, g in self._shared.items()}
+
+    def set_rng_state(self, state: dict[torch.device, torch.Tensor]) -> None:
+        for d in list(self._shared):
+            if d in state:
+                self._shared[d].set_state(state[d])
+            else:  # created after the snapshot: it restarts from the seed
+                del self._shared[d]
+
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._shared:
             self._shared[device] = torch.Generator(device=device).manual_seed(self._seed)

@@ -83,6 +83,19 @@ class Scheduler:
         self.kv.free(req)
         req.transition(RequestStatus.FINISHED_ABORTED)
 
+    def fail(self, req: Request) -> None:
+        """End a request the engine could not compute (finish reason "error"), wherever
+        it is. Its blocks are freed even under hold_blocks (there is nothing to ship)
+        and leave the prefix cache (their KV may be garbage). Idempotent."""
+        if req.finished:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req, discard=True)
+        req.transition(RequestStatus.FINISHED_ERROR)
+
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a running request; its blocks are freed unless it holds them (hold_blocks),
         in which case the owner frees them later with ``kv.free``."""
