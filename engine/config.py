@@ -3,15 +3,23 @@
 One dataclass per concern: the model's architecture (ModelConfig), the KV cache
 (CacheConfig), the scheduler's batching limits (SchedulerConfig), and the bundle an
 engine is built from (EngineConfig). CLI flags and worker configs derive from these.
+
+Importable without torch (the router reads these configs and must stay light): torch
+is imported only inside the methods that return torch objects.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# RoPE table size and the context cap for very long-context models (their full context
+# would only cost memory here: requests that long are not served on these pools).
+MAX_POSITIONS_CAP = 32768
 
 
 class ConfigError(ValueError):
@@ -178,7 +186,8 @@ class CacheConfig:
     """The paged KV cache.
 
     ``num_blocks`` wins when set; otherwise the pool is sized from ``memory_bytes``
-    (default: enough for ``max_num_seqs`` full-length sequences, capped at 2 GiB on CPU).
+    (default: enough for ``max_num_seqs`` full-length sequences, capped at 2 GiB on any
+    device: a GPU's pool is sized the same way; set ``memory_bytes`` for a bigger one).
     Block 0 is the reserved null block, so ``num_blocks - 1`` blocks are usable.
     """
 
@@ -256,14 +265,25 @@ class EngineConfig:
             raise ConfigError("EngineConfig.num_threads must be > 0")
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+
+def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+    """The longest sequence (prompt + output) an engine of this config serves: the
+    scheduler's limit if set, never beyond the model's positions or MAX_POSITIONS_CAP."""
+    positions = model.max_position_embeddings
+    return min(config.scheduler.max_model_len or positions, positions, MAX_POSITIONS_CAP)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -276,7 +296,7 @@ def default_num_blocks(
     """Pool size when CacheConfig.num_blocks is unset (see CacheConfig)."""
     if cache.num_blocks is not None:
         return cache.num_blocks
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     per_block = model.num_hidden_layers * 2 * cache.block_size * model.kv_size * elem
     if cache.memory_bytes is not None:
         return max(2, cache.memory_bytes // per_block)

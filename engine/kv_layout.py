@@ -42,10 +42,6 @@ class KVLayout:
         # Zeros, not empty: the null block (0) pads block tables and must hold finite values.
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
-    def compatible_with(self, other: KVLayout) -> bool:
-        """Whether blocks can be copied between caches of these layouts (pool size aside)."""
-        return self.block_shape == other.block_shape and self.dtype == other.dtype
-
 
 def layer_view(cache: torch.Tensor, layer: int) -> torch.Tensor:
     """(num_blocks, 2, block_size, kv_heads, head_dim) strided view of one layer."""

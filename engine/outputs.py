@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import TokenLogprobs
+from engine.logprobs import TokenLogprobs
 
 
 @dataclass
@@ -16,10 +16,6 @@ class RequestMetrics:
     first_token: float | None
     finished: float | None
     num_preemptions: int
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.logprobs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 
@@ -60,12 +61,6 @@ class RequestTimes:
     first_token: float | None = None
     last_token: float | None = None
     finished: float | None = None
-
-
-@dataclass
-class TokenLogprobs:
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 class Request:

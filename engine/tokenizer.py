@@ -18,7 +18,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -28,6 +28,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
+
+if TYPE_CHECKING:
+    from engine.weights.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +371,17 @@ class Tokenizer:
         model wants one, so none is added again."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(src: ModelSource) -> Tokenizer | None:
+    """The model's tokenizer; dummy-weight models have none (token-id prompts only)."""
+    if src.kind == "gguf":
+        assert src.path is not None
+        return Tokenizer.from_gguf(src.path)
+    if src.kind == "hf":
+        assert src.path is not None
+        return Tokenizer.from_hf_dir(src.path)
+    return None
 
 
 def _set_post_processor(backend: _Backend, tokens: Sequence[str], bos: int | None,

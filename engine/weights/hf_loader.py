@@ -1,4 +1,4 @@
-"""Hugging Face model directories: config.json (+ generation_config.json) and safetensors.
+"""Hugging Face model directories: the safetensors weights (the config: hf_config).
 
 Tensor names are already the HF names every loader produces, so loading is reading,
 casting and checking. Sharded checkpoints are found through
@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import replace
 
 import torch
 from safetensors import safe_open
@@ -20,23 +19,6 @@ from engine.weights.errors import WeightLoadError
 from engine.weights.names import check_state_dict
 
 _INDEX = "model.safetensors.index.json"
-
-
-def hf_model_config(path: str, name: str) -> ModelConfig:
-    """ModelConfig from config.json; eos ids also from generation_config.json.
-
-    Chat models list their end-of-turn tokens only in generation_config.json (Llama 3:
-    config.json says 128001, generation stops at 128008/128009 too), so both are kept.
-    """
-    with open(os.path.join(path, "config.json")) as fh:
-        config = ModelConfig.from_hf_dict(json.load(fh), name=name)
-    gen_path = os.path.join(path, "generation_config.json")
-    if not os.path.isfile(gen_path):
-        return config
-    with open(gen_path) as fh:
-        eos = json.load(fh).get("eos_token_id")
-    extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return replace(config, eos_token_ids=tuple(dict.fromkeys([*config.eos_token_ids, *extra])))
 
 
 def safetensors_files(path: str) -> list[str]:

@@ -29,6 +29,16 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
     assert any("decode bf16" in x for x in labels) and any("prefill fp32" in x for x in labels)
     # The head dims models use (64, 128) must not spill in the 16-bit dtypes.
     hot = [r for r in reports if "bf16" in r["label"] and "D=256" not in r["label"]]
-    if all(r["spill_bytes"] is not None for r in hot):
-        spilling = [r["label"] for r in hot if r["spill_bytes"] > 0]
-        assert not spilling, f"register spills in {spilling}"
+    if not _ships_ptxas():
+        pytest.skip("this triton ships no ptxas: compiled, but register spills unchecked")
+    unread = [r["label"] for r in hot if r["spill_bytes"] is None]
+    assert not unread, f"ptxas -v gave no register/spill report for {unread}"
+    spilling = [r["label"] for r in hot if r["spill_bytes"] > 0]
+    assert not spilling, f"register spills in {spilling}"
+
+
+def _ships_ptxas() -> bool:
+    """Whether triton ships the ptxas aot_compile reads spills from."""
+    import triton
+
+    return any((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*"))

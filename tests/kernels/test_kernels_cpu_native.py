@@ -193,12 +193,19 @@ def test_failed_build_logs_once_and_uses_torch_path(
     assert cpu_native.available()
 
 
-def test_empty_step() -> None:
+def test_empty_step_is_a_no_op() -> None:
+    """A step with no query rows returns without error and writes nothing: not the
+    cache, and not the memory just past the empty output."""
     meta = AttentionMetadata.build([], [], [], 16, torch.device("cpu"))
     q = torch.empty((0, 4, 64))
-    cache = torch.zeros((3, 2, 16, 2, 64))
-    out = torch.empty_like(q)
+    cache = torch.randn((3, 2, 16, 2, 64))
+    before = cache.clone()
+    backing = torch.full((1, 4, 64), 7.0)
+    out = backing[:0]  # (0, 4, 64), with memory behind it that must stay untouched
+    assert cpu_native.supports(q, cache, meta)
     cpu_native.paged_attention_native(q, cache, meta, 0.125, out)
+    assert torch.equal(cache, before)
+    assert torch.equal(backing, torch.full((1, 4, 64), 7.0))
 
 
 def _qkv_step(t: int, hq: int, hkv: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:

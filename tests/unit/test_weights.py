@@ -31,12 +31,9 @@ from engine.weights import (
     param_shapes,
     resolve_model,
 )
+from engine.weights.gguf_config import fit_llama3_scaling, llama3_rope_factors
 from engine.weights.gguf_file import read_gguf
-from engine.weights.gguf_loader import (
-    fit_llama3_scaling,
-    llama3_rope_factors,
-    unpermute_rope_rows,
-)
+from engine.weights.gguf_loader import unpermute_rope_rows
 from tests.helpers_hf import hf_model_from
 
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-smollm2-like"]
