@@ -84,6 +84,10 @@ class BlockPool:
         """Free list in eviction order (front = evicted first); for tests and debugging."""
         return list(self._free)
 
+    def cached_index(self) -> dict[BlockHash, int]:
+        """A copy of the prefix-cache index (hash -> block id); for audits and tests."""
+        return dict(self._cached)
+
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cached.get(block_hash) if self.enable_prefix_caching else None
 

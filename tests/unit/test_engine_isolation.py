@@ -56,11 +56,14 @@ def run_with_poison(
     engine.add_request(poison_prompt, poison_params, POISON, hold_blocks=hold_blocks)
     finals: dict[str, RequestOutput] = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        outs = engine.step()
+        engine.audit()  # the books balance after every step, failed or not
+        for out in outs:
             assert out.request_id not in finals, "one final output per request"
             if out.finished:
                 finals[out.request_id] = out
-    assert engine.pool_state()["free"] == engine.pool.num_usable_blocks
+    state = engine.pool_state()
+    assert state["free"] == state["blocks_free"] + state["blocks_cached"] == state["usable"]
     assert not engine.requests and not engine.held
     return [finals[i].token_ids for i in ids], finals[POISON]
 
@@ -188,4 +191,5 @@ def test_abort_with_an_error_reports_it(llm: LLM, mates: list[list[int]]) -> Non
     out = engine.abort("x", error="engine step failed: boom")
     assert out is not None and out.finish_reason == "error"
     assert out.error == "engine step failed: boom"
-    assert engine.pool_state()["free"] == engine.pool.num_usable_blocks
+    state = engine.pool_state()
+    assert state["free"] == state["blocks_free"] + state["blocks_cached"] == state["usable"]
