@@ -152,7 +152,8 @@ def code_version() -> dict[str, object]:
         except OSError:
             return ""
 
-    paths = ["engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer"]
+    paths = ["engine", "kernels", "router", "messages", "runtime", "prefill_worker",
+             "decode_worker", "colocated_worker", "kvtransfer"]
     diff = git("diff", "HEAD", "--", *paths)
     return {"commit": git("rev-parse", "HEAD").strip(),
             "serving_code_dirty": bool(diff or git("status", "--porcelain", "--", *paths)),

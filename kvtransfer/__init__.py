@@ -3,7 +3,11 @@
 - ``ray``: through the Ray object store (CPU, any node).
 - ``cuda-ipc``: the decode worker's cache is opened by the prefill worker through CUDA
   IPC and written in place (same node, same or different GPU).
-- ``nccl``: NCCL point-to-point send/recv between GPUs (any node).
+- ``nccl``: NCCL point-to-point send/recv between GPUs (any node); its handshake goes
+  through the receiving worker's KVPeer interface (peer.py).
+
+Importing this package does not import torch; a backend's module loads with the
+first make_sender / make_receiver for it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from kvtransfer.base import (
     KVTransferTimeout,
     TransferHandle,
     check_handle,
+    sent_handle,
+    spec_of,
+    torch_dtype,
 )
+from kvtransfer.peer import KVPeer, PeerMessage
 
 
 def make_sender(backend: str, worker_id: str = "prefill") -> KVSender:
@@ -54,13 +62,18 @@ def make_receiver(backend: str) -> KVReceiver:
 
 __all__ = [
     "Endpoint",
+    "KVPeer",
     "KVReceiver",
     "KVSender",
     "KVSpec",
     "KVTransferError",
     "KVTransferTimeout",
+    "PeerMessage",
     "TransferHandle",
     "check_handle",
     "make_receiver",
     "make_sender",
+    "sent_handle",
+    "spec_of",
+    "torch_dtype",
 ]

@@ -4,79 +4,63 @@ Both ends hold a KV cache in engine.kv_layout's layout. A transfer moves whole b
 (all layers, K and V): ``src`` block ids on the sender to ``dest`` block ids the
 receiver reserved. Every transfer is checked: block shape, dtype and count must agree
 on both ends, and receiving gives up after a timeout with KVTransferTimeout instead of
-hanging.
+hanging. The values that travel (KVSpec, Endpoint, TransferHandle, the errors) live in
+messages.transfer; this module is importable without torch.
 
 Who frees what:
-- The sender's blocks may be freed once ``send`` has returned *and* ``sender_done``
-  (see each backend) is true; the prefill worker keeps them until then.
-- The receiver's reserved blocks belong to the decode engine; if ``receive`` raises,
-  the decode worker frees them.
+- The sender's blocks may be freed once ``KVSender.send`` has returned: every backend
+  returns only when it no longer reads them (a copy is in the object store, or the
+  data is in the receiver's cache or NCCL has sent it).
+- The receiver's reserved blocks belong to the decode engine; if ``KVReceiver.fetch``
+  raises (or ``check_handle`` refuses the handle), the decode worker frees them.
 """
 
 from __future__ import annotations
 
 import abc
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from messages.transfer import (
+    Endpoint,
+    KVSpec,
+    KVTransferError,
+    KVTransferTimeout,
+    TransferHandle,
+)
 
-from engine.kv_layout import KVLayout
+if TYPE_CHECKING:
+    import torch
 
+    from engine.kv_layout import KVLayout
+    from kvtransfer.peer import PeerMessage
 
-class KVTransferError(RuntimeError):
-    """A transfer could not be completed (mismatched ends, lost data, backend failure)."""
-
-
-class KVTransferTimeout(KVTransferError):
-    """The data did not arrive within the transfer timeout."""
-
-
-@dataclass(frozen=True)
-class KVSpec:
-    """What both ends of a transfer must agree on."""
-
-    block_shape: tuple[int, ...]  # (num_layers, 2, block_size, kv_heads, head_dim)
-    dtype: str  # e.g. "float32"
-
-    @classmethod
-    def of(cls, layout: KVLayout) -> KVSpec:
-        return cls(tuple(layout.block_shape), str(layout.dtype).removeprefix("torch."))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    def block_nbytes(self) -> int:
-        n = 1
-        for d in self.block_shape:
-            n *= d
-        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+__all__ = [
+    "Endpoint",
+    "KVReceiver",
+    "KVSender",
+    "KVSpec",
+    "KVTransferError",
+    "KVTransferTimeout",
+    "TransferHandle",
+    "check_counts",
+    "check_handle",
+    "sent_handle",
+    "spec_of",
+    "torch_dtype",
+]
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """How a sender reaches one decode worker's cache (backend-specific ``address``)."""
-
-    backend: str
-    worker_id: str
-    spec: KVSpec
-    address: Any = None  # cuda-ipc: IPC memory handle info; nccl: peer info; ray: None
+def spec_of(layout: KVLayout) -> KVSpec:
+    """The spec of an engine's cache layout."""
+    return KVSpec(tuple(layout.block_shape), str(layout.dtype).removeprefix("torch."),
+                  layout.dtype.itemsize)
 
 
-@dataclass
-class TransferHandle:
-    """What the sender returns and the router passes to the receiver."""
+def torch_dtype(spec: KVSpec) -> torch.dtype:
+    import torch
 
-    request_id: str
-    backend: str
-    spec: KVSpec
-    num_blocks: int
-    nbytes: int
-    payload: Any = None  # ray: [ObjectRef] (wrapped so Ray does not resolve it in transit)
-    sent_at: float = field(default_factory=time.time)
-    send_seconds: float = 0.0
+    return getattr(torch, spec.dtype)
 
 
 def check_handle(handle: TransferHandle, spec: KVSpec, dest_block_ids: list[int]) -> None:
@@ -97,6 +81,17 @@ def check_counts(request_id: str, src_block_ids: list[int], dest_block_ids: list
                               f"{len(dest_block_ids)} reserved")
 
 
+def sent_handle(request_id: str, backend: str, dest: Endpoint, staging: torch.Tensor,
+                started: float, payload: Any = None) -> TransferHandle:
+    """The handle of a finished send of ``staging`` (n, *block_shape), begun at
+    ``started`` (time.perf_counter)."""
+    return TransferHandle(
+        request_id=request_id, backend=backend, spec=dest.spec, num_blocks=staging.shape[0],
+        nbytes=staging.numel() * staging.element_size(), payload=payload,
+        send_seconds=time.perf_counter() - started,
+    )
+
+
 class KVSender(abc.ABC):
     """Prefill side. ``send`` runs on the prefill worker's engine thread between steps,
     or, when ``send_off_engine_thread`` is set, on a thread of its own while the engine
@@ -111,13 +106,18 @@ class KVSender(abc.ABC):
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
-        """Start moving src blocks towards dest; returns once src blocks may be freed."""
+        """Move src blocks towards dest; returns once src blocks may be freed."""
 
 
 class KVReceiver(abc.ABC):
     """Decode side."""
 
     backend: str
+
+    def allocate(self, layout: KVLayout, device: torch.device) -> torch.Tensor | None:
+        """A cache this backend needs the engine to use instead of its own (cuda-ipc:
+        memory it can export), or None: the engine's cache will do."""
+        return None
 
     @abc.abstractmethod
     def endpoint(self, cache: torch.Tensor, worker_id: str, spec: KVSpec) -> Endpoint:
@@ -127,3 +127,8 @@ class KVReceiver(abc.ABC):
     async def fetch(self, handle: TransferHandle, timeout_s: float) -> torch.Tensor | None:
         """Wait for the data. Returns a (n, *block_shape) staging tensor to scatter into
         the reserved blocks, or None when the sender already wrote them in place."""
+
+    async def on_peer_message(self, message: PeerMessage) -> None:
+        """A sender's handshake step (see kvtransfer.peer); only nccl has any."""
+        raise KVTransferError(f"the {self.backend} backend takes no peer messages "
+                              f"(got {type(message).__name__})")

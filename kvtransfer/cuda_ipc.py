@@ -13,13 +13,13 @@ Works on one node, whether the two workers share a GPU (fractional num_gpus) or 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.kv_layout import KVLayout
 from kernels import gather_blocks, scatter_blocks
+from kvtransfer.addresses import IpcAddress
 from kvtransfer.base import (
     Endpoint,
     KVReceiver,
@@ -28,15 +28,9 @@ from kvtransfer.base import (
     KVTransferError,
     TransferHandle,
     check_counts,
+    sent_handle,
+    torch_dtype,
 )
-
-
-@dataclass(frozen=True)
-class IpcAddress:
-    handle: bytes  # cudaIpcMemHandle_t of the cache allocation
-    device: int  # CUDA device index in the decode worker's process
-    device_uuid: str  # to find the same GPU under another CUDA_VISIBLE_DEVICES mapping
-    num_blocks: int
 
 
 def _cupy() -> Any:
@@ -110,7 +104,7 @@ class CudaIpcSender(KVSender):
             ptr = cupy.cuda.runtime.ipcOpenMemHandle(addr.handle)
         shape = (addr.num_blocks, *dest.spec.block_shape)
         nbytes = addr.num_blocks * dest.spec.block_nbytes()
-        remote = _as_torch(cupy, ptr, nbytes, dest.spec.torch_dtype, shape, dev, None)
+        remote = _as_torch(cupy, ptr, nbytes, torch_dtype(dest.spec), shape, dev, None)
         self._opened[dest.worker_id] = remote
         return remote
 
@@ -126,8 +120,4 @@ class CudaIpcSender(KVSender):
         staging = gather_blocks(cache, src)
         scatter_blocks(remote, dst, staging.to(remote.device, non_blocking=True))
         torch.cuda.synchronize(cache.device)  # in place before the router starts decoding
-        return TransferHandle(
-            request_id=request_id, backend=self.backend, spec=dest.spec,
-            num_blocks=len(src_block_ids), nbytes=staging.numel() * staging.element_size(),
-            send_seconds=time.perf_counter() - t0,
-        )
+        return sent_handle(request_id, self.backend, dest, staging, t0)

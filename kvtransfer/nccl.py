@@ -1,13 +1,14 @@
 """``nccl``: NCCL point-to-point send/recv between GPUs (same node or across nodes).
 
 One 2-rank communicator per (prefill, decode) pair, created on first use: the prefill
-worker makes a unique id, asks the decode worker (through its actor handle, carried in
-the Endpoint) to join as rank 1, and joins as rank 0. Per transfer (push model, so the
-two sides' p2p calls can never be issued in different orders):
+worker makes a unique id, sends the decode worker a NcclConnect (through its KVPeer
+actor handle, carried in the Endpoint; see peer.py) to join as rank 1, and joins as
+rank 0. Per transfer (push model, so the two sides' p2p calls can never be issued in
+different orders):
 
     prefill (engine thread)                 decode (actor)
     gather blocks -> staging
-    decode.nccl_recv(id, n) ------------>   post recv into a staging buffer on its
+    NcclRecv(id, n) to the peer -------->   post recv into a staging buffer on its
                                             stream (before any await: call order is
                                             post order), remember it under id
     send staging on its stream
@@ -32,6 +33,7 @@ import ray
 import torch
 
 from kernels import gather_blocks
+from kvtransfer.addresses import NcclAddress
 from kvtransfer.base import (
     Endpoint,
     KVReceiver,
@@ -41,7 +43,10 @@ from kvtransfer.base import (
     KVTransferTimeout,
     TransferHandle,
     check_counts,
+    sent_handle,
+    torch_dtype,
 )
+from kvtransfer.peer import PeerMessage, to_peer
 
 
 def _nccl() -> Any:
@@ -53,8 +58,20 @@ def _nccl() -> Any:
 
 
 @dataclass(frozen=True)
-class NcclAddress:
-    actor: Any  # the decode worker's Ray actor handle (nccl_connect / nccl_recv)
+class NcclConnect(PeerMessage):
+    """Join ``peer_id``'s communicator as rank 1."""
+
+    peer_id: str
+    unique_id: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NcclRecv(PeerMessage):
+    """Post the receive of ``num_blocks`` blocks ``peer_id`` is about to send."""
+
+    request_id: str
+    peer_id: str
+    num_blocks: int
 
 
 class NcclReceiver(KVReceiver):
@@ -65,12 +82,23 @@ class NcclReceiver(KVReceiver):
         self._pending: dict[str, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._device: torch.device | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._spec: KVSpec | None = None
 
     def endpoint(self, cache: torch.Tensor, worker_id: str, spec: KVSpec) -> Endpoint:
         self._device = cache.device
         self._stream = torch.cuda.Stream(cache.device)
+        self._spec = spec
+        # Senders reach us through the actor we run in; it must implement KVPeer.
         actor = ray.get_runtime_context().current_actor
         return Endpoint(self.backend, worker_id, spec, NcclAddress(actor))
+
+    async def on_peer_message(self, message: PeerMessage) -> None:
+        if isinstance(message, NcclRecv):  # posted before any await: call order is post order
+            self.post_recv(message.request_id, message.peer_id, message.num_blocks)
+        elif isinstance(message, NcclConnect):  # blocking NCCL init, off the event loop
+            await asyncio.to_thread(self.connect, message.peer_id, message.unique_id)
+        else:
+            await super().on_peer_message(message)
 
     def connect(self, peer_id: str, unique_id: tuple[int, ...]) -> None:
         """Join the pair's communicator as rank 1 (blocks until rank 0 joins)."""
@@ -78,11 +106,11 @@ class NcclReceiver(KVReceiver):
         with torch.cuda.device(self._device):
             self._comms[peer_id] = nccl.NcclCommunicator(2, unique_id, 1)
 
-    def post_recv(self, request_id: str, peer_id: str, num_blocks: int, spec: KVSpec) -> None:
+    def post_recv(self, request_id: str, peer_id: str, num_blocks: int) -> None:
         """Post the receive now (stream-ordered); fetch() waits for it."""
         nccl = _nccl()
-        assert self._stream is not None
-        buf = torch.empty((num_blocks, *spec.block_shape), dtype=spec.torch_dtype,
+        assert self._stream is not None and self._spec is not None
+        buf = torch.empty((num_blocks, *self._spec.block_shape), dtype=torch_dtype(self._spec),
                           device=self._device)
         comm = self._comms[peer_id]
         comm.recv(buf.data_ptr(), buf.numel() * buf.element_size(),
@@ -119,7 +147,7 @@ class NcclSender(KVSender):
             return comm
         nccl = _nccl()
         uid = nccl.get_unique_id()
-        joined = dest.address.actor.nccl_connect.remote(self.worker_id, uid)
+        joined = to_peer(dest.address.peer, NcclConnect(self.worker_id, uid))
         with torch.cuda.device(device):
             comm = nccl.NcclCommunicator(2, uid, 0)  # returns once rank 1 joined too
         ray.get(joined)
@@ -140,14 +168,10 @@ class NcclSender(KVSender):
         staging = gather_blocks(cache, ids)
         # The receive must be posted before our send can complete; the call returns once
         # it is posted (the decode worker does it before its first await).
-        ray.get(dest.address.actor.nccl_recv.remote(request_id, self.worker_id,
-                                                    len(src_block_ids)))
+        ray.get(to_peer(dest.address.peer,
+                        NcclRecv(request_id, self.worker_id, len(src_block_ids))))
         self._stream.wait_stream(torch.cuda.current_stream(cache.device))
         comm.send(staging.data_ptr(), staging.numel() * staging.element_size(),
                   getattr(nccl, "NCCL_UINT8", 1), 1, self._stream.cuda_stream)
         self._stream.synchronize()  # sent: staging and the source blocks may be reused
-        return TransferHandle(
-            request_id=request_id, backend=self.backend, spec=dest.spec,
-            num_blocks=len(src_block_ids), nbytes=staging.numel() * staging.element_size(),
-            send_seconds=time.perf_counter() - t0,
-        )
+        return sent_handle(request_id, self.backend, dest, staging, t0)

@@ -25,6 +25,8 @@ from kvtransfer.base import (
     KVTransferError,
     KVTransferTimeout,
     TransferHandle,
+    sent_handle,
+    torch_dtype,
 )
 
 
@@ -43,11 +45,7 @@ class RaySender(KVSender):
         staging = gather_blocks(cache, ids).cpu()  # (n, L, 2, bs, Hkv, D) contiguous
         # Raw bytes: numpy has no bfloat16, and bytes are all the receiver needs.
         ref = ray.put(staging.view(torch.uint8).numpy())
-        return TransferHandle(
-            request_id=request_id, backend=self.backend, spec=dest.spec,
-            num_blocks=len(src_block_ids), nbytes=staging.numel() * staging.element_size(),
-            payload=[ref], send_seconds=time.perf_counter() - t0,
-        )
+        return sent_handle(request_id, self.backend, dest, staging, t0, payload=[ref])
 
 
 class RayReceiver(KVReceiver):
@@ -73,4 +71,4 @@ class RayReceiver(KVReceiver):
         with warnings.catch_warnings():  # object-store arrays are read-only; we only read
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(arr)
-        return raw.view(handle.spec.torch_dtype).view(handle.num_blocks, *handle.spec.block_shape)
+        return raw.view(torch_dtype(handle.spec)).view(handle.num_blocks, *handle.spec.block_shape)

@@ -31,53 +31,37 @@ import logging
 import time
 from concurrent.futures import Future
 
-from decode_worker.messages import WorkerStats, worker_stats
-from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.worker_config import WorkerConfig
 from kvtransfer import TransferHandle, make_sender
-from prefill_worker.messages import PrefillResult, PrefillTask
+from messages import PrefillAborted, PrefillResult, PrefillTask
+from runtime.config import WorkerConfig
+from runtime.worker_base import WorkerBase
 
 log = logging.getLogger(__name__)
 
 
-class PrefillAborted(RuntimeError):
-    """The request was cancelled while it was being prefilled."""
-
-
-class PrefillWorker:
+class PrefillWorker(WorkerBase):
     def __init__(self, config: WorkerConfig) -> None:
-        self.config = config
-        self.worker_id = config.worker_id
-        self.engine = LLMEngine(config.engine, detokenize=False)
         self.sender = make_sender(config.kv_transfer, config.worker_id)
         # request id -> (output, the held block ids) once its prefill step is done
         self._pending: dict[str, asyncio.Future[tuple[RequestOutput, list[int]]]] = {}
         self._sending: dict[str, bool] = {}  # request id -> aborted during its send
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self.loop = EngineLoop(self.engine, self._on_outputs, name=f"{self.worker_id}-engine")
-        self.loop.start()
+        super().__init__(config, LLMEngine(config.engine, detokenize=False))
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         """Engine thread: resolve the futures of requests whose prefill finished, with
         the ids of the blocks they hold (read here, where the engine may be touched)."""
         for out in outputs:
             if out.finished and self._aloop is not None:
-                blocks = (list(self.engine.kv.block_table(out.request_id))
-                          if out.request_id in self.engine.held else [])
+                blocks = self.engine.held_blocks(out.request_id)
                 self._aloop.call_soon_threadsafe(self._resolve, out, blocks)
 
     def _resolve(self, out: RequestOutput, blocks: list[int]) -> None:
         fut = self._pending.pop(out.request_id, None)
         if fut is not None and not fut.done():
             fut.set_result((out, blocks))
-
-    async def _call(self, fn):  # type: ignore[no-untyped-def]
-        return await asyncio.wrap_future(self.loop.call(fn))
-
-    def ping(self) -> str:
-        return self.worker_id
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:
         self._aloop = asyncio.get_running_loop()
@@ -126,10 +110,9 @@ class PrefillWorker:
 
     async def _send(self, task: PrefillTask, blocks: list[int]) -> TransferHandle:
         """Ship the prompt's blocks (the held ones) to the decode worker."""
-        src = blocks[: self.engine.kv.num_blocks_needed(len(task.token_ids))]
 
         def send() -> TransferHandle:
-            return self.sender.send(self.engine.runner.kv_cache, src, task.dest,
+            return self.sender.send(self.engine.kv_cache, blocks, task.dest,
                                     task.dest_block_ids, task.request_id)
 
         if self.sender.send_off_engine_thread:
@@ -144,25 +127,14 @@ class PrefillWorker:
             return True
 
         def do(engine: LLMEngine) -> bool:
-            if request_id in engine.requests or request_id in engine.held:
-                out = engine.abort(request_id)
-                if out is not None and self._aloop is not None:
-                    self._aloop.call_soon_threadsafe(self._resolve, out, [])
-                return True
-            return False
+            if not engine.has_request(request_id):
+                return False
+            out = engine.abort(request_id)
+            if out is not None and self._aloop is not None:
+                self._aloop.call_soon_threadsafe(self._resolve, out, [])
+            return True
 
         return await self._call(do)
-
-    async def stats(self) -> WorkerStats:
-        return await self._call(lambda e: worker_stats(self.worker_id, "prefill", e.stats(),
-                                                       self.loop.steps, self.loop.busy_seconds))
-
-    async def pool_state(self) -> dict[str, int]:
-        """Block accounting read from the pool itself (tests check for leaks with it)."""
-        return await self._call(lambda e: e.pool_state())
-
-    def shutdown(self) -> None:
-        self.loop.stop()
 
 
 def _log_failure(fut: Future[None]) -> None:

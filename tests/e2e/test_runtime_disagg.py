@@ -15,8 +15,7 @@ import ray
 
 from engine import LLM
 from engine.sampling_params import SamplingParams
-from kvtransfer import KVTransferError, KVTransferTimeout, TransferHandle
-from prefill_worker.messages import PrefillTask
+from messages import KVTransferError, KVTransferTimeout, PrefillTask, TransferHandle
 from router.request_state import Delta
 from tests.e2e.runtime_fixtures import GREEDY, RouterHarness, assert_clean, router_config
 

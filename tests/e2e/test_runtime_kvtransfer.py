@@ -9,7 +9,7 @@ import torch
 
 from engine.kv_layout import KVLayout
 from kernels import scatter_blocks
-from kvtransfer import KVSpec, KVTransferError, check_handle, make_receiver, make_sender
+from kvtransfer import KVTransferError, check_handle, make_receiver, make_sender, spec_of
 from tests.e2e.runtime_fixtures import ensure_ray
 
 
@@ -20,7 +20,7 @@ def test_ray_round_trip_is_exact(dtype: torch.dtype) -> None:
                       dtype=dtype)
     src = torch.randn(layout.shape).to(dtype)
     dst = layout.allocate("cpu")
-    spec = KVSpec.of(layout)
+    spec = spec_of(layout)
     rx = make_receiver("ray")
     ep = rx.endpoint(dst, "decode-x", spec)
     handle = make_sender("ray").send(src, [7, 2, 5], ep, [1, 8, 3], "r1")
@@ -36,9 +36,9 @@ def test_handle_checks_name_the_mismatch() -> None:
     ensure_ray()
     a = KVLayout(4, 2, 4, 2, 8, torch.float32)
     b = KVLayout(4, 2, 8, 2, 8, torch.float32)  # another block size
-    ep = make_receiver("ray").endpoint(a.allocate("cpu"), "d", KVSpec.of(a))
+    ep = make_receiver("ray").endpoint(a.allocate("cpu"), "d", spec_of(a))
     handle = make_sender("ray").send(a.allocate("cpu"), [1, 2], ep, [1, 2], "r2")
     with pytest.raises(KVTransferError, match="layout mismatch"):
-        check_handle(handle, KVSpec.of(b), [1, 2])
+        check_handle(handle, spec_of(b), [1, 2])
     with pytest.raises(KVTransferError, match="1 reserved"):
-        check_handle(handle, KVSpec.of(a), [3])
+        check_handle(handle, spec_of(a), [3])

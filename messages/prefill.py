@@ -1,17 +1,18 @@
-"""What a prefill worker exchanges with the router."""
+"""What the router and a prefill worker exchange."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.request import TokenLogprobs
+from engine.logprobs import TokenLogprobs
 from engine.sampling_params import SamplingParams
-from kvtransfer import Endpoint, TransferHandle
+from messages.transfer import Endpoint, TransferHandle
 
 
 @dataclass
 class PrefillTask:
-    """Prefill ``token_ids``, sample the first token, ship the KV to ``dest``."""
+    """Prefill ``token_ids``, sample the first token, ship the KV to ``dest``'s
+    ``dest_block_ids`` (reserved there by the router beforehand)."""
 
     request_id: str
     token_ids: list[int]
@@ -31,3 +32,7 @@ class PrefillResult:
     queue_seconds: float  # arrival at the worker -> first scheduled
     prefill_seconds: float  # first scheduled -> first token
     transfer_seconds: float  # gathering and handing over the KV
+
+
+class PrefillAborted(RuntimeError):
+    """The request was cancelled while it was being prefilled (raised by ``prefill``)."""

@@ -1,0 +1,1 @@
+"""colocated worker actor (see worker.py)."""

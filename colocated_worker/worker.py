@@ -1,0 +1,30 @@
+"""Colocated worker: a Ray actor that prefills and decodes its own requests (the baseline).
+
+    generate(prompt)  -> the request joins the engine's queue; chunked prefill runs in
+                         mixed batches with the running decodes (vLLM style)
+    stream()          <- one long-lived generator: a StepBatch per engine step
+    abort(id)         -> drop it wherever it is; its blocks return to the pool
+
+No KV crosses workers here. When the pool runs dry the engine preempts its youngest
+request and recomputes it later, here: nothing is reported as migrated.
+"""
+
+from __future__ import annotations
+
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from runtime.config import WorkerConfig
+from runtime.streaming_worker import StreamingWorker
+
+
+class ColocatedWorker(StreamingWorker):
+    def __init__(self, config: WorkerConfig) -> None:
+        engine = LLMEngine(config.engine, detokenize=False, preemption="recompute")
+        super().__init__(config, engine)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a whole request; its tokens arrive through stream()."""
+        self.tokens.bind()
+        await self._call(lambda e: e.add_request(prompt_token_ids, params, request_id))

@@ -1,0 +1,24 @@
+"""Backend-specific Endpoint addresses, torch-free: the router carries (and unpickles)
+endpoints without importing a backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class IpcAddress:
+    """cuda-ipc: the decode worker's cache allocation, exported."""
+
+    handle: bytes  # cudaIpcMemHandle_t of the cache allocation
+    device: int  # CUDA device index in the decode worker's process
+    device_uuid: str  # to find the same GPU under another CUDA_VISIBLE_DEVICES mapping
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class NcclAddress:
+    """nccl: the decode worker's actor, a kvtransfer.peer.KVPeer."""
+
+    peer: Any

@@ -1,0 +1,60 @@
+"""What the two ends of a KV transfer and the router between them pass around.
+
+The mechanics (gather, send, fetch, scatter) are kvtransfer's; these values only
+describe a cache and a transfer, so the router can carry them without torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class KVTransferError(RuntimeError):
+    """A transfer could not be completed (mismatched ends, lost data, backend failure)."""
+
+
+class KVTransferTimeout(KVTransferError):
+    """The data did not arrive within the transfer timeout."""
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What both ends of a transfer must agree on: one block's shape and element type
+    (kvtransfer.spec_of builds it from an engine's KVLayout)."""
+
+    block_shape: tuple[int, ...]  # (num_layers, 2, block_size, kv_heads, head_dim)
+    dtype: str  # torch dtype name, e.g. "float32"
+    itemsize: int  # bytes per element, so sizes are known without torch
+
+    def block_nbytes(self) -> int:
+        n = self.itemsize
+        for d in self.block_shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How a sender reaches one decode worker's cache (backend-specific ``address``,
+    opaque to the router: kvtransfer.addresses)."""
+
+    backend: str
+    worker_id: str
+    spec: KVSpec
+    address: Any = None
+
+
+@dataclass
+class TransferHandle:
+    """What the sender returns and the router passes to the receiver."""
+
+    request_id: str
+    backend: str
+    spec: KVSpec
+    num_blocks: int
+    nbytes: int
+    payload: Any = None  # ray: [ObjectRef] (wrapped so Ray does not resolve it in transit)
+    sent_at: float = field(default_factory=time.time)
+    send_seconds: float = 0.0

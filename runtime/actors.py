@@ -1,0 +1,148 @@
+"""The worker actors as the router sees them: one Ray actor class per role.
+
+Every remote call the router can make to a worker is declared here, typed, in one file.
+Each class only forwards to the role's real worker, which it imports inside the actor
+process when the actor starts: this module (and so the router) never imports torch or
+the model code.
+
+    actor = actor_class("decode").options(**ray_resources(...)).remote(worker_config)
+    blocks = await actor.reserve.remote(request_id, prompt_token_ids, params)
+
+Calls every role answers (_Actor): ping, lifeline, stats, pool_state, shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from engine.sampling_params import SamplingParams
+from messages import (
+    Endpoint,
+    PrefillResult,
+    PrefillTask,
+    StepBatch,
+    TokenLogprobs,
+    TransferHandle,
+    WorkerStats,
+)
+from runtime.config import WorkerConfig
+
+if TYPE_CHECKING:
+    from colocated_worker.worker import ColocatedWorker
+    from decode_worker.worker import DecodeWorker
+    from kvtransfer.peer import PeerMessage
+    from prefill_worker.worker import PrefillWorker
+    from runtime.worker_base import WorkerBase
+
+
+class _Actor:
+    _worker: WorkerBase
+
+    def ping(self) -> str:
+        """The worker id, once the worker has loaded its model."""
+        return self._worker.ping()
+
+    async def lifeline(self) -> None:
+        """Never returns; Ray fails it when the actor dies (the router's death signal)."""
+        await self._worker.lifeline()
+
+    async def stats(self) -> WorkerStats:
+        return await self._worker.stats()
+
+    async def pool_state(self) -> dict[str, int]:
+        """The engine's block accounting (LLMEngine.pool_state)."""
+        return await self._worker.pool_state()
+
+    def shutdown(self) -> None:
+        self._worker.shutdown()
+
+
+class PrefillActor(_Actor):
+    _worker: PrefillWorker
+
+    def __init__(self, config: WorkerConfig) -> None:
+        from prefill_worker.worker import PrefillWorker
+
+        self._worker = PrefillWorker(config)
+
+    async def prefill(self, task: PrefillTask) -> PrefillResult:
+        """Prefill, sample the first token, ship the KV to task.dest. Raises
+        PrefillAborted if aborted meanwhile, KVTransferError if the send fails."""
+        return await self._worker.prefill(task)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._worker.abort(request_id)
+
+
+class DecodeActor(_Actor):
+    """Also the kvtransfer.peer.KVPeer of its KV receiver (``kv_peer``)."""
+
+    _worker: DecodeWorker
+
+    def __init__(self, config: WorkerConfig) -> None:
+        from decode_worker.worker import DecodeWorker
+
+        self._worker = DecodeWorker(config)
+
+    def endpoint(self) -> Endpoint:
+        """Where prefill workers send this worker's KV (put it in PrefillTask.dest)."""
+        return self._worker.endpoint()
+
+    async def reserve(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams) -> list[int] | None:
+        """Block ids for the prompt's KV, or None: no room above the watermark."""
+        return await self._worker.reserve(request_id, prompt_token_ids, params)
+
+    async def start(self, request_id: str, first_token: int, handle: TransferHandle,
+                    logprobs: TokenLogprobs | None = None, num_cached_tokens: int = 0) -> None:
+        """Import the KV into the reservation and join the batch (KVTransferError: the
+        reservation is freed)."""
+        await self._worker.start(request_id, first_token, handle, logprobs,
+                                 num_cached_tokens)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._worker.abort(request_id)
+
+    async def stream(self) -> AsyncIterator[StepBatch]:
+        """One StepBatch per engine step, or a heartbeat each second. Never ends."""
+        async for batch in self._worker.stream():
+            yield batch
+
+    async def kv_peer(self, message: PeerMessage) -> None:
+        await self._worker.kv_peer(message)
+
+
+class ColocatedActor(_Actor):
+    _worker: ColocatedWorker
+
+    def __init__(self, config: WorkerConfig) -> None:
+        from colocated_worker.worker import ColocatedWorker
+
+        self._worker = ColocatedWorker(config)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> None:
+        """Queue a whole request (prefill and decode here); tokens come on stream()."""
+        await self._worker.generate(request_id, prompt_token_ids, params)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._worker.abort(request_id)
+
+    async def stream(self) -> AsyncIterator[StepBatch]:
+        """One StepBatch per engine step, or a heartbeat each second. Never ends."""
+        async for batch in self._worker.stream():
+            yield batch
+
+
+ACTORS: dict[str, type[_Actor]] = {  # one per runtime.config.ROLES
+    "prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor,
+}
+
+
+def actor_class(role: str) -> Any:
+    """The Ray actor class of ``role`` (a ray.actor.ActorClass): call
+    ``.options(...).remote(worker_config)`` on it."""
+    import ray
+
+    return ray.remote(ACTORS[role])

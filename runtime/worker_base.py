@@ -1,0 +1,68 @@
+"""What every worker actor is: an engine on its own thread, and the calls all roles answer.
+
+The engine is not thread-safe: it is touched only on its EngineLoop thread, inside a
+step or in a command run between steps (``_call``). Step outputs arrive on that thread
+in ``_on_outputs``, which each role defines. The actor's event loop never blocks on the
+engine: it awaits the commands' futures.
+
+Subclasses set up their own state first and call ``WorkerBase.__init__`` last: it starts
+the engine thread, after which ``_on_outputs`` may run at any time.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from messages import PoolState, WorkerStats
+from runtime.config import WorkerConfig
+
+T = TypeVar("T")
+
+
+class WorkerBase(abc.ABC):
+    def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.engine = engine
+        self.loop = EngineLoop(engine, self._on_outputs, name=f"{self.worker_id}-engine")
+        self.loop.start()
+
+    @abc.abstractmethod
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """The outputs of one engine step (on the engine thread)."""
+
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread between steps; its result or its error."""
+        return await asyncio.wrap_future(self.loop.call(fn))
+
+    # -- calls every role answers ---------------------------------------------------------
+    def ping(self) -> str:
+        return self.worker_id
+
+    async def lifeline(self) -> None:
+        """Never returns: the router holds this call open and learns of the actor's death
+        when Ray fails it."""
+        await asyncio.get_running_loop().create_future()
+
+    async def stats(self) -> WorkerStats:
+        return await self._call(self._stats)
+
+    async def pool_state(self) -> dict[str, int]:
+        """Block accounting read from the pool itself (tests check for leaks with it)."""
+        return await self._call(lambda e: e.pool_state())
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+
+    def _stats(self, engine: LLMEngine, with_pool: bool = True) -> WorkerStats:
+        """On the engine thread (the only place its counters may be read). The pool's
+        owners are counted block by block: per-step callers leave them out."""
+        pool = PoolState.from_counts(engine.pool_state()) if with_pool else None
+        return WorkerStats(self.worker_id, self.config.role, engine.stats(), self.loop.steps,
+                           self.loop.busy_seconds, pool)
