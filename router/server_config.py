@@ -10,22 +10,29 @@ from engine.config import ConfigError
 API_KEY_ENV = "PDSERVE_API_KEY"
 DEFAULT_PORT = 50051  # the customary gRPC port
 DEFAULT_METRICS_PORT = 9464  # clear of Prometheus (9090), its exporters and DCGM (9400)
+DEFAULT_HTTP_PORT = 8000  # what OpenAI-compatible servers (vLLM, SGLang's docs) listen on
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """One gRPC server and its Prometheus endpoint.
+    """One gRPC server, its OpenAI-compatible HTTP server and its Prometheus endpoint.
 
-    host: the address both listen on. Loopback by default: exposing the server is a
+    host: the address all three listen on. Loopback by default: exposing the server is a
         decision (use 0.0.0.0 with TLS and an API key, or behind a proxy that has them).
     port / metrics_port: 0 picks a free port (tests); metrics_port None turns metrics off.
-    api_key: when set, every call but the health check must carry the metadata
-        "authorization: Bearer <api_key>" (health stays open for load balancers and
-        Kubernetes probes, which cannot send credentials and learn nothing from it).
-    tls_cert / tls_key: PEM files; both or neither. Metrics stay plain HTTP (scrapers
-        usually sit on the private network; put a proxy in front if not).
-    max_message_bytes: the largest request or response message accepted; a prompt of
-        the longest context as token ids is well under the default.
+    http_port: the OpenAI-compatible HTTP API (router/http/), on by default because the
+        tools people point at a server expect it; 0 turns it off (so, unlike the other
+        ports, it cannot ask for a free port).
+    api_key: when set, every call but the health check must carry the metadata (on
+        HTTP, the header) "authorization: Bearer <api_key>" (health stays open for load
+        balancers and Kubernetes probes, which cannot send credentials and learn nothing
+        from it).
+    tls_cert / tls_key: PEM files; both or neither; gRPC and the HTTP API both serve TLS
+        with them. Metrics stay plain HTTP (scrapers usually sit on the private network;
+        put a proxy in front if not).
+    max_message_bytes: the largest request or response message accepted (HTTP: the
+        largest request body, 413 above it); a prompt of the longest context as token
+        ids is well under the default.
     default_max_tokens: max_tokens when a request leaves it unset (capped by the
         context left after the prompt).
     health_interval_s: how often health is re-evaluated from worker liveness.
@@ -37,6 +44,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     metrics_port: int | None = DEFAULT_METRICS_PORT
+    http_port: int = DEFAULT_HTTP_PORT
     api_key: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -47,7 +55,7 @@ class ServerConfig:
     grace_period_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 65535:
                 raise ConfigError(f"ServerConfig.{name} must be in [0, 65535], got {v}")

@@ -1,4 +1,5 @@
-"""The running service: router (and its Ray workers), gRPC server, metrics, pollers.
+"""The running service: router (and its Ray workers), gRPC server, the OpenAI-compatible
+HTTP server (router/http/, unless http_port is 0), metrics, pollers.
 
 Start: the ports open first (health NOT_SERVING), then the workers load (SERVING once
 every role has one). Stop: health NOT_SERVING, in-flight calls get the configured
@@ -16,6 +17,7 @@ import sys
 
 from router.config import RouterConfig
 from router.core import Router
+from router.http import HttpServer
 from router.metrics import Metrics, StatsPoller
 from router.server import GrpcServer
 from router.server_config import ServerConfig
@@ -30,6 +32,7 @@ class Service:
         self.router = Router(router_config)  # tokenizer and model metadata only
         self.metrics = Metrics(self.router)
         self.grpc: GrpcServer | None = None
+        self.http: HttpServer | None = None
         self.metrics_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -52,21 +55,36 @@ class Service:
         NOT_SERVING, Generate UNAVAILABLE, GetModelInfo served)."""
         cfg = self.server_config
         self.grpc = GrpcServer(self.router, cfg, self.metrics)
+        if cfg.http_port:
+            self.http = HttpServer(self.router, cfg, self.metrics, self._serving)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         await self.router.start()
         await self.grpc.health.update()  # SERVING now, not at the next health tick
         self._tasks.append(asyncio.get_running_loop().create_task(
             StatsPoller(self.router, cfg.stats_interval_s).run()))
-        log.info("serving pdserve.v1.Generation on %s (metrics: %s)", self.target,
-                 self.metrics_port)
+        log.info("serving pdserve.v1.Generation on %s (HTTP: %s, metrics: %s)", self.target,
+                 self.http_url, self.metrics_port)
+
+    def _serving(self) -> bool:
+        """gRPC health's verdict, which the HTTP API's /health and /ready report too."""
+        return self.grpc is not None and bool(self.grpc.health.serving)
+
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the OpenAI-compatible API (None when it is off)."""
+        if self.http is None:
+            return None
+        host = self.target.rsplit(":", 1)[0]
+        return f"{self.http.scheme}://{host}:{self.http.port}"
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.grpc is not None:
-            await self.grpc.stop()
+        await asyncio.gather(*(s.stop() for s in (self.http, self.grpc) if s is not None))
         self.metrics.stop()
         await self.router.shutdown()
 
@@ -85,6 +103,14 @@ class Service:
             f"  pdserve info{flags}",
             f"  {grpcurl} -d '{body}' {self.target} pdserve.v1.Generation/Generate",
         ]
+        if self.http_url is not None:
+            curl = "curl" + (" --cacert CERT.pem" if c.tls else "")
+            curl += ' -H "Authorization: Bearer KEY"' if c.api_key else ""
+            chat = ('{"messages": [{"role": "user", "content": "Hello!"}], '
+                    '"max_tokens": 32}')
+            lines += [f"OpenAI-compatible HTTP API on {self.http_url}/v1",
+                      f"  {curl} {self.http_url}/v1/chat/completions "
+                      f"-H 'Content-Type: application/json' -d '{chat}'"]
         if self.metrics_port is not None:
             host = self.target.rsplit(":", 1)[0]
             lines.append(f"  metrics: http://{host}:{self.metrics_port}/metrics")

@@ -50,8 +50,9 @@ ROUTER_FLAGS: dict[str, str] = {
                    "starting Ray in this process",
 }
 SERVER_FLAGS: dict[str, str] = {
-    "host": "address to listen on (gRPC and metrics)",
+    "host": "address to listen on (gRPC, HTTP and metrics)",
     "port": "gRPC port (0: any free port)",
+    "http_port": "OpenAI-compatible HTTP API port (0: off)",
     "metrics_port": "Prometheus metrics port (0: any free port)",
     "api_key": f"require 'authorization: Bearer KEY' on every call (or set {API_KEY_ENV})",
     "tls_cert": "PEM certificate chain; serve TLS (with --tls-key)",

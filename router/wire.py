@@ -46,11 +46,7 @@ def request_inputs(req: pb.GenerateRequest, router: Router, default_max_tokens: 
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
     tokens = _prompt_tokens(req, router)
-    room = router.max_model_len - len(tokens)
-    if room < 1:
-        raise InvalidRequestError(
-            "prompt", f"the prompt has {len(tokens)} tokens; the model's context holds "
-            f"{router.max_model_len} (prompt plus at least one generated token)")
+    room = output_room(router, len(tokens))
     params = sampling_params(req.sampling, min(default_max_tokens, room))
     vocab = router.model_config.vocab_size
     bad = next((t for t in params.stop_token_ids if t >= vocab), None)
@@ -58,6 +54,18 @@ def request_inputs(req: pb.GenerateRequest, router: Router, default_max_tokens: 
         raise InvalidRequestError("sampling.stop_token_ids",
                                   f"token id {bad} is outside the vocabulary [0, {vocab})")
     return Inputs(tokens, params)
+
+
+def output_room(router: Router, num_prompt_tokens: int, field: str = "prompt") -> int:
+    """Tokens the model's context leaves for output after the prompt (the default
+    max_tokens is capped by it); InvalidRequestError naming ``field`` if it leaves none.
+    Shared with the HTTP edge, which names its own field."""
+    room = router.max_model_len - num_prompt_tokens
+    if room < 1:
+        raise InvalidRequestError(
+            field, f"the prompt has {num_prompt_tokens} tokens; the model's context holds "
+            f"{router.max_model_len} (prompt plus at least one generated token)")
+    return room
 
 
 def _prompt_tokens(req: pb.GenerateRequest, router: Router) -> list[int]:
