@@ -1,85 +1,61 @@
 """Iteration-level scheduler: which requests run this step, and how many tokens each.
 
 One token budget covers decode tokens and prefill chunks alike (chunked prefill, vLLM
-v1 style). Each step:
+v1 style). Who gets the budget first is a policy (engine/scheduler_policy.py), chosen
+by ``SchedulerConfig.policy``:
 
-1. Running requests, oldest first, get what they need (1 token when decoding, the next
-   chunk when a prompt is still being prefilled). When the pool runs dry, the youngest
-   running request is preempted: its blocks are freed and it goes back to the front of
-   the queue to be recomputed later (prompt + tokens so far; the prefix cache usually
-   makes that cheap).
-2. If nobody was preempted, waiting requests are admitted in arrival order while the
-   budget, the seat limit and the pool allow, after a prefix-cache lookup.
+- "fcfs" (engine/scheduler_fcfs.py, the default): running requests oldest first, then
+  waiting ones in arrival order.
+- "shortest_first" (engine/scheduler_shortest_first.py, prefill workers): fewest
+  tokens left first, with a starvation bound of ``max_wait_s``.
 
-That is the "fcfs" policy. Prefill workers use "shortest_first" instead: running and
-waiting requests together, by the tokens each still has to compute, fewest first, so a
-short prompt that arrives behind a long one starts at the next step and the long one
-takes what budget is left. A request that has gone ``max_wait_s`` without being given
-any tokens goes first, so long prompts are never starved (one that gets the leftover
-budget each step is progressing and keeps its place). Preemption works the same in
-both: the victim is the youngest running request not already scheduled in this step.
+Both share the mechanics here. When the pool runs dry, the youngest running request
+not already in this step is preempted: its blocks are freed and it goes back to the
+front of the queue to be recomputed later (prompt + tokens so far; the prefix cache
+usually makes that cheap). Nothing is admitted in a step that preempted.
 
 The scheduler owns the running/waiting queues and the request statuses; the
-KVCacheManager owns the blocks.
+KVCacheManager owns the blocks. Time comes from an injectable clock (engine/clock.py).
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from dataclasses import dataclass, field
 
+from engine.clock import Clock, MonotonicClock
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from engine.scheduler_policy import SchedulingPolicy, make_policy
 
-
-@dataclass
-class ScheduledChunk:
-    request: Request
-    start: int  # request.num_computed_tokens when scheduled
-    num_tokens: int  # tokens computed this step: token_ids[start : start + num_tokens]
-    samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
-
-    @classmethod
-    def of(cls, req: Request, n: int) -> ScheduledChunk:
-        start = req.num_computed_tokens
-        return cls(req, start, n, start + n == req.num_tokens)
-
-
-@dataclass
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def empty(self) -> bool:
-        return not self.chunks
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput"]
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, *, clock: Clock | None = None,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.clock: Clock = clock or MonotonicClock()
+        self.policy = policy or make_policy(config.policy)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
     # -- queue management ------------------------------------------------------------
     def add(self, req: Request) -> None:
+        # Its wait for tokens starts now, on this scheduler's clock ("shortest_first"
+        # serves a request that has gone max_wait_s without any first).
+        req.last_scheduled = self.clock.now()
         self.waiting.append(req)
 
     def abort(self, req: Request) -> None:
         """Drop a request wherever it is and free its blocks. Idempotent."""
         if req.finished:
             return
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        self._remove(req)
         self.kv.free(req)
         req.transition(RequestStatus.FINISHED_ABORTED)
 
@@ -89,10 +65,7 @@ class Scheduler:
         and leave the prefix cache (their KV may be garbage). Idempotent."""
         if req.finished:
             return
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        self._remove(req)
         self.kv.free(req, discard=True)
         req.transition(RequestStatus.FINISHED_ERROR)
 
@@ -114,87 +87,51 @@ class Scheduler:
         self.waiting.remove(req)
         req.transition(RequestStatus.MIGRATED)
 
+    def _remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # -- the policy ------------------------------------------------------------------
+    @property
+    def has_free_seat(self) -> bool:
+        return len(self.running) < self.config.max_num_seqs
+
+    # -- one step --------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        if self.config.policy == "shortest_first":
-            return self._schedule_shortest_first()
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(req, n, out):
-                break  # req itself was preempted: nothing younger is left to run
-            out.chunks.append(ScheduledChunk.of(req, n))
-            budget -= n
-            i += 1
-        if not out.preempted:
-            budget = self._admit_waiting(budget, out)
-        return out
+        return self.policy.schedule(self)
 
-    def _schedule_shortest_first(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        now = time.monotonic()
-        for req in sorted([*self.running, *self.waiting], key=lambda r: self._rank(r, now)):
-            if budget <= 0:
-                break
-            if req.status is RequestStatus.RUNNING:
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if n > 0 and self._allocate_or_preempt(req, n, out):
-                    out.chunks.append(ScheduledChunk.of(req, n))
-                    req.last_scheduled = now
-                    budget -= n
-            elif not out.preempted and len(self.running) < self.config.max_num_seqs:
-                # (Requests preempted in this step are waiting again, and nothing is
-                # admitted after a preemption.) A waiting request the pool cannot take
-                # now is passed over, not waited for: a shorter one behind it may fit.
-                n = self._admit(req, budget, out)
-                if n:
-                    req.last_scheduled = now
-                    budget -= n
-        return out
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance progress for every scheduled chunk and index newly full blocks."""
+        for chunk in out.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_computed_blocks(chunk.request)
 
-    def _rank(self, req: Request, now: float) -> tuple[int, float]:
-        if now - req.last_scheduled >= self.config.max_wait_s:
-            return (0, req.last_scheduled)  # starving: longest without tokens first
-        return (1, req.num_tokens - req.num_computed_tokens)
-
-    def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+    # -- mechanics the policies call -------------------------------------------------
+    def run_chunk(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Schedule n more tokens of a running request, preempting the youngest running
+        request not already in this step while the pool is short. False when that
+        victim is req itself (it is preempted, not scheduled)."""
         scheduled: set[int] | None = None  # built only when the pool is short
         while not self.kv.allocate(req, n):
             if scheduled is None:
                 scheduled = {id(c.request) for c in out.chunks}
-            # The youngest running request not already in this step; req is not, so
-            # there always is one. Under fcfs this is simply the youngest.
+            # req is not in the step yet, so there always is a victim. Under fcfs, where
+            # everyone older than req is scheduled, this is simply the youngest.
             victim = next(r for r in reversed(self.running) if id(r) not in scheduled)
             self.running.remove(victim)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
                 return False
+        out.chunks.append(ScheduledChunk.of(req, n))
         return True
 
-    def _preempt(self, req: Request) -> None:
-        self.kv.free(req)
-        req.num_computed_tokens = 0
-        req.transition(RequestStatus.PREEMPTED)
-        self.waiting.appendleft(req)
-
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            n = self._admit(self.waiting[0], budget, out)
-            if n == 0:
-                break  # wait for blocks to free up; keep arrival order
-            budget -= n
-        return budget
-
-    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int:
+    def admit(self, req: Request, budget: int, out: SchedulerOutput) -> int:
         """Start a waiting request with up to ``budget`` tokens after a prefix-cache
         lookup; the tokens scheduled, 0 if the pool cannot take it now."""
         hit = self.kv.find_prefix(req)
@@ -210,8 +147,8 @@ class Scheduler:
         out.chunks.append(ScheduledChunk.of(req, n))
         return n
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance progress for every scheduled chunk and index newly full blocks."""
-        for chunk in out.chunks:
-            chunk.request.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_computed_blocks(chunk.request)
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.transition(RequestStatus.PREEMPTED)
+        self.waiting.appendleft(req)

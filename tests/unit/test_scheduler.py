@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.block_pool import BlockPool
+from engine.clock import FakeClock
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -90,10 +91,11 @@ def test_prefix_hit_counts_cached_tokens() -> None:
 
 
 def make_sf(num_blocks: int = 64, budget: int = 8, seats: int = 4, bs: int = 4,
-            max_wait_s: float = 10.0) -> Scheduler:
+            max_wait_s: float = 10.0, clock: FakeClock | None = None) -> Scheduler:
     kv = KVCacheManager(BlockPool(num_blocks), bs)
     return Scheduler(SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget,
-                                     policy="shortest_first", max_wait_s=max_wait_s), kv)
+                                     policy="shortest_first", max_wait_s=max_wait_s), kv,
+                     clock=clock or FakeClock())
 
 
 def test_shortest_first_lets_a_short_prompt_past_a_long_ones_chunks() -> None:
@@ -115,22 +117,51 @@ def test_shortest_first_orders_waiting_by_length() -> None:
 
 
 def test_shortest_first_serves_a_starving_request_first() -> None:
-    s = make_sf(budget=8, max_wait_s=5.0)
-    old = Request("old", list(range(20)), SamplingParams(max_tokens=100), arrival=0.0)
+    clock = FakeClock()
+    s = make_sf(budget=8, max_wait_s=5.0, clock=clock)
+    s.add(req("old", 20, 0))
+    clock.advance(5.0)  # waited max_wait_s without tokens (the paused pool below)
     s.add(req("short", 3, 100))
-    s.add(old)  # arrived long ago (monotonic clock 0) and never given tokens
     assert run_step(s) == [("old", 8, False)]
 
 
 def test_shortest_first_a_long_prompt_that_progresses_is_not_starving() -> None:
-    s = make_sf(budget=8, max_wait_s=5.0)
-    old = Request("old", list(range(20)), SamplingParams(max_tokens=100), arrival=0.0)
+    clock = FakeClock()
+    s = make_sf(budget=8, max_wait_s=5.0, clock=clock)
+    old = req("old", 20, 0)
     s.add(old)
+    clock.advance(6.0)
     assert run_step(s) == [("old", 8, False)]  # given tokens now: no longer starving
     s.add(req("short", 3, 100))
+    clock.advance(4.9)
     assert run_step(s) == [("short", 3, True), ("old", 5, False)]
-    old.last_scheduled -= 10  # then nothing for 10 s: it goes first again
-    assert run_step(s) == [("old", 7, True), ("short", 1, True)]
+    clock.advance(4.9)  # 9.8 s since it arrived, but tokens every step: not starving
+    assert run_step(s) == [("short", 1, True), ("old", 7, True)]
+
+
+def test_shortest_first_starvation_bound_on_a_fake_clock() -> None:
+    # One 8-token prompt a second takes the whole budget or most of it, so old gets no
+    # tokens after its first chunk. At exactly max_wait_s without tokens it goes first.
+    clock = FakeClock()
+    s = make_sf(budget=8, max_wait_s=5.0, seats=8, clock=clock)
+    s.add(req("old", 20, 0))
+    steps = [run_step(s)]
+    for k in range(1, 8):
+        clock.advance(1.0)
+        s.add(req(f"p{k}", 8, 100 * k))
+        steps.append(run_step(s))
+    assert steps == [
+        [("old", 8, False)],
+        [("p1", 8, True)],
+        [("p1", 1, True), ("p2", 7, False)],
+        [("p1", 1, True), ("p2", 1, True), ("p3", 6, False)],
+        [("p1", 1, True), ("p2", 1, True), ("p3", 2, True), ("p4", 4, False)],  # 4 s
+        [("old", 8, False)],  # 5 s without tokens: it takes the budget
+        [("p1", 1, True), ("p2", 1, True), ("p3", 1, True), ("old", 4, True),
+         ("p4", 1, False)],  # then fewest tokens left first again
+        [("old", 1, True), ("p1", 1, True), ("p2", 1, True), ("p3", 1, True),
+         ("p4", 3, True), ("p5", 1, False)],
+    ]  # fmt: skip
 
 
 def test_shortest_first_passes_over_a_prompt_the_pool_cannot_take() -> None:
