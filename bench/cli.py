@@ -10,6 +10,9 @@
         off), runs every workload, writes serving-cpu.json (+ -records.json) and the PNGs
     pdserve bench plot [--out-dir bench/results]
         redraws the PNGs from the JSON and prints the tables (markdown)
+    pdserve bench soak [--duration 1800] [--rate 2] [--malloc-arena-max N]
+        a long mixed workload against a server it starts, sampling every process's RSS,
+        KV blocks by owner and latency every 15 s; writes soak.json and soak-rss.png
 """
 
 from __future__ import annotations
@@ -68,8 +71,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("--out-dir", default="bench/results")
     plot.set_defaults(func=cmd_plot)
 
+    soak = sub.add_parser("soak", help="a long mixed workload, watching memory")
+    soak.add_argument("--duration", type=float, default=1800.0, help="seconds")
+    soak.add_argument("--rate", type=float, default=2.0, help="requests/s")
+    soak.add_argument("--sample", type=float, default=15.0, help="seconds between samples")
+    soak.add_argument("--warmup", type=float, default=300.0,
+                      help="seconds left out of the RSS slope")
+    soak.add_argument("--malloc-arena-max", type=int, default=None,
+                      help="MALLOC_ARENA_MAX for the server and its workers")
+    soak.add_argument("--out-dir", default="bench/results")
+    soak.set_defaults(func=cmd_soak)
+
     args = p.parse_args(argv)
     return int(args.func(args))
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from bench.serving import Deployment
+    from bench.soak import SoakConfig, run
+
+    cfg = SoakConfig(duration_s=args.duration, rate=args.rate, sample_s=args.sample,
+                     warmup_s=args.warmup, malloc_arena_max=args.malloc_arena_max,
+                     out_dir=Path(args.out_dir))
+    result = run(cfg, Deployment("soak"))
+    print(json.dumps(result["rss_slope_mb_per_min_after_warmup"], indent=1))
+    return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:

@@ -25,6 +25,9 @@ class ColocatedWorker(StreamingWorker):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
-        """Queue a whole request; its tokens arrive through stream()."""
+        """Queue a whole request; its tokens arrive through stream(). Nothing happens if
+        the request was aborted before this call arrived."""
         self.tokens.bind()
+        if request_id in self.aborted:
+            return
         await self._call(lambda e: e.add_request(prompt_token_ids, params, request_id))

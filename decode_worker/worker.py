@@ -52,8 +52,11 @@ class DecodeWorker(StreamingWorker):
     async def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> list[int] | None:
-        """Blocks for the prompt's KV, or None if taking them would cross the watermark."""
+        """Blocks for the prompt's KV, or None if taking them would cross the watermark
+        (or the request was aborted before this call arrived)."""
         self.tokens.bind()
+        if request_id in self.aborted:
+            return None
         watermark = int(self.config.watermark * self.engine.num_usable_blocks)
 
         def do(engine: LLMEngine) -> list[int] | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from engine.logprobs import TokenLogprobs
 from engine.stats import EngineStats
-from messages.prefill import PrefillAborted, PrefillResult, PrefillTask
+from messages.prefill import PrefillAborted, PrefillFailed, PrefillResult, PrefillTask
 from messages.stats import PoolState, WorkerStats
 from messages.stream import StepBatch, TokenEvent
 from messages.transfer import (
@@ -35,6 +35,7 @@ __all__ = [
     "KVTransferTimeout",
     "PoolState",
     "PrefillAborted",
+    "PrefillFailed",
     "PrefillResult",
     "PrefillTask",
     "StepBatch",

@@ -36,3 +36,8 @@ class PrefillResult:
 
 class PrefillAborted(RuntimeError):
     """The request was cancelled while it was being prefilled (raised by ``prefill``)."""
+
+
+class PrefillFailed(RuntimeError):
+    """The engine could not compute this request's prefill (it broke its step, alone:
+    the other prompts in that step went on). Raised by ``prefill``."""

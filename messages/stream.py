@@ -12,7 +12,8 @@ from messages.stats import WorkerStats
 class TokenEvent:
     """New tokens of one request from one engine step (or its end).
 
-    finish_reason: None while running; "stop" / "length" / "abort" when done;
+    finish_reason: None while running; "stop" / "length" / "abort" when done, or
+    "error" (``error`` says why; its batch mates went on);
     "migrated" when the worker preempted it and the router must continue it elsewhere.
     """
 
@@ -21,6 +22,7 @@ class TokenEvent:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": why the engine failed it
 
 
 @dataclass

@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from kvtransfer import TransferHandle, make_sender
-from messages import PrefillAborted, PrefillResult, PrefillTask
+from messages import PrefillAborted, PrefillFailed, PrefillResult, PrefillTask
 from runtime.config import WorkerConfig
 from runtime.worker_base import WorkerBase
 
@@ -66,6 +66,8 @@ class PrefillWorker(WorkerBase):
     async def prefill(self, task: PrefillTask) -> PrefillResult:
         self._aloop = asyncio.get_running_loop()
         rid = task.request_id
+        if rid in self.aborted:
+            raise PrefillAborted(f"request {rid} was aborted before its prefill arrived")
         fut: asyncio.Future[tuple[RequestOutput, list[int]]] = self._aloop.create_future()
         self._pending[rid] = fut
         params = dataclasses.replace(task.params, max_tokens=1)
@@ -78,6 +80,8 @@ class PrefillWorker(WorkerBase):
         out, blocks = await fut
         if out.finish_reason == "abort":
             raise PrefillAborted(f"request {rid} was aborted during prefill")
+        if out.finish_reason == "error":  # this request broke its step, alone
+            raise PrefillFailed(f"request {rid}: {out.error or 'the engine step failed'}")
         first = out.token_ids[0]
         lp = out.logprobs[0] if out.logprobs else None
         m = out.metrics
@@ -120,7 +124,9 @@ class PrefillWorker(WorkerBase):
         return await self._call(lambda _e: send())
 
     async def abort(self, request_id: str) -> bool:
-        """Cancel a prefill; its blocks return to the pool. True if it was here."""
+        """Cancel a prefill; its blocks return to the pool. True if it was here. A
+        prefill for it that arrives later is refused (runtime/aborted_ids.py)."""
+        self.aborted.add(request_id)
         if request_id in self._sending:
             # Its blocks are being read by the send: released when the send returns.
             self._sending[request_id] = True

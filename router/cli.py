@@ -7,6 +7,8 @@
     pdserve generate "text" [--chat] [--max-tokens N] [--temperature T]
                                  stream an answer from a running server
     pdserve info                 the served model and the deployment, as JSON
+    pdserve drain WORKER         take one worker out of rotation: its requests continue
+                                 elsewhere, a replacement starts (rolling restarts)
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the served model and the deployment (JSON)")
     _client_flags(info)
     info.set_defaults(func=cmd_info)
+
+    drain = sub.add_parser("drain", help="take a worker out of rotation and replace it")
+    drain.add_argument("worker_id", help="a worker id as `pdserve info` lists it")
+    _client_flags(drain)
+    drain.set_defaults(func=cmd_drain)
     return p
 
 
@@ -143,11 +150,14 @@ def init_ray(rc: RouterConfig) -> None:
     if rc.ray_address:
         ray.init(address=rc.ray_address, log_to_driver=True)
         return
-    n = rc.workers if rc.mode == "colocated" else rc.prefill_workers + rc.decode_workers
-    per = rc.threads_per_worker if rc.gpus_per_worker == 0 else 1
+    from runtime.config import ray_cpus
+
+    n = sum(rc.num_workers(role) for role in rc.roles)
     # address="local": a new instance even if `ray start` left a cluster on this machine
     # (ray.init() would join that one).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, n * per),
+    ray.init(address="local",
+             num_cpus=max(os.cpu_count() or 1,
+                          ray_cpus(n, rc.gpus_per_worker, rc.threads_per_worker)),
              include_dashboard=False, log_to_driver=True)
 
 
@@ -198,6 +208,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as c:
         print('{"model": ' + pdclient.to_json(c.model_info()) + ',\n "server": '
               + pdclient.to_json(c.server_info()) + "}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        r = c.drain_worker(args.worker_id)
+    print(f"drained {args.worker_id}: {r.num_requests_moved} request(s) moved")
     return 0
 
 

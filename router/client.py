@@ -98,6 +98,10 @@ class Client:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self.metadata,
                                        timeout=self.timeout_s)
 
+    def drain_worker(self, worker_id: str) -> pb.DrainWorkerResponse:
+        return self.stub.DrainWorker(pb.DrainWorkerRequest(worker_id=worker_id),
+                                     metadata=self.metadata, timeout=self.timeout_s)
+
     def close(self) -> None:
         self.channel.close()
 

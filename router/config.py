@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
-from engine.worker_config import KV_BACKENDS
+from runtime.config import KV_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,17 @@ class RouterConfig:
     threads_per_worker: torch threads (and Ray CPUs) per worker on CPU.
     kv_transfer: "auto" picks cuda-ipc on one GPU node, nccl across GPUs, ray on CPU.
     max_queue: requests allowed to wait for KV room; beyond it new ones are refused.
+    max_inflight: requests admitted at once (streaming, prefilling or waiting), for the
+        whole deployment; beyond it a new call is refused at once with
+        RESOURCE_EXHAUSTED and a retry hint, so load never reads as a dead worker.
+    max_inflight_per_worker: the same bound per serving (decode or colocated) worker;
+        the deployment admits min(max_inflight, this x serving workers). It also keeps
+        the calls queued on one actor far below Ray's per-actor concurrency.
+    max_prompt_bytes: the largest prompt (text bytes) accepted; checked before it is
+        tokenized, so a huge prompt costs nothing.
+    request_timeout_s: how long a request may take when its client sets no deadline.
+    worker_wait_s: how long a request waits for a worker of a role when none is alive
+        (one is being replaced), within its deadline, before UNAVAILABLE.
     prefill_policy: the prefill workers' scheduler policy (engine.scheduler.policy is
         what decode and colocated workers use). "shortest_first" keeps a short prompt
         from waiting behind a long prompt's chunks.
@@ -37,9 +48,12 @@ class RouterConfig:
     kv_transfer: str = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_queue: int = 256
+    max_inflight: int = 1024
+    max_inflight_per_worker: int = 256
+    max_prompt_bytes: int = 1 << 20
+    request_timeout_s: float = 600.0
+    worker_wait_s: float = 120.0
     transfer_timeout_s: float = 30.0
-    health_interval_s: float = 2.0
-    health_timeout_s: float = 10.0
     decode_watermark: float = 0.01
     ray_address: str | None = None
     prefill_policy: str = "shortest_first"
@@ -49,7 +63,7 @@ class RouterConfig:
         if self.mode not in ("disaggregated", "colocated"):
             raise ConfigError(f"RouterConfig.mode {self.mode!r} is not disaggregated/colocated")
         for name in ("prefill_workers", "decode_workers", "workers", "threads_per_worker",
-                     "max_queue"):
+                     "max_queue", "max_inflight", "max_inflight_per_worker", "max_prompt_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"RouterConfig.{name} must be >= 1")
         if self.prefill_policy not in SCHEDULER_POLICIES:
@@ -57,6 +71,9 @@ class RouterConfig:
                               f"one of {', '.join(SCHEDULER_POLICIES)}")
         if self.prefill_step_tokens is not None and self.prefill_step_tokens < 1:
             raise ConfigError("RouterConfig.prefill_step_tokens must be >= 1")
+        for name in ("request_timeout_s", "worker_wait_s", "transfer_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"RouterConfig.{name} must be > 0")
         if self.gpus_per_worker < 0:
             raise ConfigError("RouterConfig.gpus_per_worker must be >= 0")
         if self.kv_transfer not in ("auto", *KV_BACKENDS):
@@ -73,6 +90,25 @@ class RouterConfig:
         # Workers that share a GPU cannot use NCCL (one rank per GPU); cuda-ipc works on
         # one node whatever the sharing.
         return "cuda-ipc" if self.gpus_per_worker < 1 else "nccl"
+
+    @property
+    def serving_role(self) -> str:
+        """The role that streams tokens: decode, or colocated in colocated mode."""
+        return "colocated" if self.mode == "colocated" else "decode"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles this mode needs, each with at least one live worker to serve."""
+        return ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
+
+    def num_workers(self, role: str) -> int:
+        return {"prefill": self.prefill_workers, "decode": self.decode_workers,
+                "colocated": self.workers}[role]
+
+    @property
+    def admission_limit(self) -> int:
+        return min(self.max_inflight,
+                   self.max_inflight_per_worker * self.num_workers(self.serving_role))
 
     def worker_engine(self, role: str) -> EngineConfig:
         """The engine config a worker of this role runs."""

@@ -1,4 +1,4 @@
-"""Typed router errors; the gRPC edge maps each to one status code."""
+"""Typed router errors; the gRPC edge maps each to one status code (router/status.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,37 @@ class RouterError(Exception):
 
 
 class QueueFullError(RouterError):
-    """The admission queue is full (RESOURCE_EXHAUSTED)."""
+    """Too many requests wait for KV room (RESOURCE_EXHAUSTED)."""
+
+
+class OverloadedError(RouterError):
+    """Admission refused a request because the service is at its in-flight bound
+    (RESOURCE_EXHAUSTED, with a retry hint): load never turns into UNAVAILABLE."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NoWorkersError(RouterError):
-    """No live worker can take the request (UNAVAILABLE)."""
+    """No live worker can take the request, and none is coming in time (UNAVAILABLE)."""
+
+
+class ShuttingDownError(NoWorkersError):
+    """The service is draining for shutdown: new calls are refused (UNAVAILABLE)."""
 
 
 class RequestFailedError(RouterError):
-    """The request failed inside the cluster, e.g. its KV transfer (INTERNAL)."""
+    """The request failed inside the cluster for a reason of its own (INTERNAL)."""
+
+
+class WorkerLost(RouterError):
+    """Internal: a worker the request was using died; the request is placed again."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"worker {worker_id} died")
+        self.worker_id = worker_id
+
+
+class TransferFailed(RouterError):
+    """Internal: the request's KV could not be moved; the request is placed again."""

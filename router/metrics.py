@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -40,8 +41,8 @@ from router.request_state import RouterRequest
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from router.cluster import WorkerHandle
     from router.core import Router
+    from router.worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 PREFIX = "pdserve_"
@@ -183,6 +184,10 @@ class WorkerCollector(Collector):
                                    "Prefix cache hits, in KV blocks.", labels=labels)
         preemptions = CounterMetricFamily(PREFIX + "num_preemptions",
                                           "Requests the worker preempted.", labels=labels)
+        owners = GaugeMetricFamily(
+            PREFIX + "kv_blocks", "The worker's KV blocks by owner: free, cached (prefix "
+            "cache, evictable), running, reserved (awaiting their KV), transfer (being "
+            "shipped). They sum to the usable blocks.", labels=[*labels, "owner"])
         now = time.monotonic()
         seen: set[tuple[str, str]] = set()
         for h in self.router.workers():
@@ -198,6 +203,10 @@ class WorkerCollector(Collector):
             queries.add_metric(key, s.prefix_queries)
             hits.add_metric(key, s.prefix_hits)
             preemptions.add_metric(key, s.num_preemptions)
+            if s.pool is not None:
+                for owner, n in dataclasses.asdict(s.pool).items():
+                    if owner != "usable":
+                        owners.add_metric([*key, owner], n)
         # Replaced workers leave the router's table; keep reporting them as down for a
         # while so dashboards and alerts see the 1 -> 0 edge rather than a vanished series.
         for key in self._present - seen:
@@ -208,13 +217,17 @@ class WorkerCollector(Collector):
                 del self._departed[key]
             else:
                 up.add_metric(key, 0.0)
-        yield from (up, running, waiting, usage, queries, hits, preemptions)
+        yield from (up, running, waiting, usage, queries, hits, preemptions, owners)
         yield GaugeMetricFamily(PREFIX + "num_requests_in_flight",
                                 "Requests admitted by the router and not finished.",
                                 value=len(self.router.requests))
         yield GaugeMetricFamily(PREFIX + "num_requests_queued",
                                 "Requests waiting at the router for KV room on a decode "
                                 "worker.", value=self.router.num_queued)
+        yield CounterMetricFamily(PREFIX + "requests_refused",
+                                  "Calls refused at admission because the deployment was at "
+                                  "its in-flight bound (RESOURCE_EXHAUSTED).",
+                                  value=self.router.admission.refused)
 
 
 class StatsPoller:
@@ -232,7 +245,7 @@ class StatsPoller:
             await asyncio.sleep(self.interval_s)
 
     async def _poll(self, h: WorkerHandle) -> None:
-        # A dead or busy worker keeps its last stats; the router's health loop owns
-        # declaring it dead.
+        # A dead or busy worker keeps its last stats; liveness is the worker registry's
+        # business (lifelines), never a slow answer here.
         with contextlib.suppress(Exception):
-            h.stats = await asyncio.wait_for(h.actor.stats.remote(), timeout=self.interval_s)
+            h.stats = await asyncio.wait_for(h.fetch_stats(), timeout=self.interval_s)

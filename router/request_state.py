@@ -3,17 +3,23 @@
 The router owns the text: it detokenizes the token stream (stop strings included) and
 is the only place that knows everything a request has produced, which is what lets a
 migrated request continue elsewhere with prompt + tokens so far.
+
+One task owns each request (router/lifecycle.py); other parts only record what they
+saw: the stream consumer appends tokens and ends the current attempt
+(``end_attempt``), the edge reads the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import time
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import TokenLogprobs
 from engine.sampling_params import SamplingParams
+from messages import TokenLogprobs
 
 
 @dataclass
@@ -59,10 +65,30 @@ class Events:
     migrations: int = 0
 
 
+class Phase(enum.Enum):
+    """Where a request is in its lifecycle (the router's view)."""
+
+    ADMITTED = "admitted"
+    RESERVING = "reserving"  # asking a decode worker for KV blocks
+    PREFILLING = "prefilling"
+    STARTING = "starting"  # the decode worker imports the KV
+    DECODING = "decoding"
+    REPLACING = "replacing"  # its worker died or preempted it: placed again
+    FINISHED = "finished"
+
+
+class AttemptEnd(enum.Enum):
+    """Why a placement attempt on a worker ended (see RouterRequest.end_attempt)."""
+
+    FINISHED = "finished"  # the worker ended it (stop, length, abort): it freed the KV
+    STOPPED_HERE = "stopped_here"  # a stop string matched here: the worker still holds it
+    MIGRATED = "migrated"  # the worker preempted it and freed its KV: place it again
+
+
 class RouterRequest:
     def __init__(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        detok: IncrementalDetokenizer | None,
+        detok: IncrementalDetokenizer | None, deadline: float,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -72,12 +98,37 @@ class RouterRequest:
         self.cached_tokens = 0
         self.worker: str | None = None  # decode/colocated worker holding it now
         self.prefill_worker: str | None = None  # while a prefill is in flight
-        self.reserved_on: str | None = None  # decode worker holding its reservation
-        self.placements = 0  # prefill attempts + migrations, bounded
+        self.deadline = deadline  # loop time; every wait of this request ends by then
+        self.placements = 0  # placement attempts (retries and migrations), bounded
+        self.phase = Phase.ADMITTED
         self.events = Events()
-        self.queue: asyncio.Queue[Delta | Final] = asyncio.Queue()
+        self.queue: asyncio.Queue[Delta | Final | BaseException] = asyncio.Queue()
         self.done = False
+        self.finish_reason: str | None = None  # stop | length | abort | error, once done
         self.task: asyncio.Task[None] | None = None
+        self._attempt: asyncio.Future[AttemptEnd] | None = None
+
+    @property
+    def attempt_id(self) -> str:
+        """The request's id on the workers for the current attempt."""
+        return f"{self.request_id}@{self.placements}"
+
+    def remaining_s(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def next_chunk(self) -> tuple[list[int], SamplingParams]:
+        """Prompt + tokens so far, and what is left to generate (after a migration)."""
+        params = dataclasses.replace(self.params, max_tokens=self.remaining_tokens)
+        return self.prompt_token_ids + self.generated, params
+
+    # -- attempts: one placement on a worker at a time --------------------------------------
+    def begin_attempt(self) -> asyncio.Future[AttemptEnd]:
+        self._attempt = asyncio.get_running_loop().create_future()
+        return self._attempt
+
+    def end_attempt(self, why: AttemptEnd) -> None:
+        if self._attempt is not None and not self._attempt.done():
+            self._attempt.set_result(why)
 
     @property
     def remaining_tokens(self) -> int:
@@ -109,6 +160,18 @@ class RouterRequest:
         if self.done:
             return
         self.done = True
+        self.finish_reason = reason
+        self.phase = Phase.FINISHED
         self.events.finished = time.monotonic()
         tail = self.detok.flush() if self.detok is not None and reason != "error" else ""
         self.queue.put_nowait(Final(reason, self.usage(), tail, error))
+
+    def fail(self, err: BaseException) -> None:
+        """End the stream with an error the edge maps to a status code."""
+        if self.done:
+            return
+        self.done = True
+        self.finish_reason = "error"
+        self.phase = Phase.FINISHED
+        self.events.finished = time.monotonic()
+        self.queue.put_nowait(err)

@@ -38,7 +38,9 @@ class ServerConfig:
     health_interval_s: how often health is re-evaluated from worker liveness.
     stats_interval_s: how often prefill workers' stats are polled (decode workers'
         stats arrive with every token batch).
-    grace_period_s: on shutdown, in-flight calls get this long to finish.
+    shutdown_grace_s: on SIGTERM, health turns NOT_SERVING and new calls are refused at
+        once; running streams get this long to finish, and those cut off then get a
+        last message with FINISH_REASON_ABORT before their call ends.
     """
 
     host: str = "127.0.0.1"
@@ -52,7 +54,7 @@ class ServerConfig:
     default_max_tokens: int = 256
     health_interval_s: float = 0.5
     stats_interval_s: float = 2.0
-    grace_period_s: float = 5.0
+    shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -74,8 +76,8 @@ class ServerConfig:
         for name in ("health_interval_s", "stats_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ServerConfig.{name} must be > 0")
-        if self.grace_period_s < 0:
-            raise ConfigError("ServerConfig.grace_period_s must be >= 0")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("ServerConfig.shutdown_grace_s must be >= 0")
 
     @property
     def tls(self) -> bool:

@@ -2,11 +2,12 @@
 HTTP server (router/http/, unless http_port is 0), metrics, pollers.
 
 Start: the ports open first (health NOT_SERVING), then the workers load (SERVING once
-every role has one). Stop: health NOT_SERVING, in-flight calls get the configured
-grace period, then the workers go.
+every role has one). Stop (SIGTERM): health NOT_SERVING and new calls refused at once,
+running streams get ``shutdown_grace_s`` to finish, the rest end with a last
+FINISH_REASON_ABORT message, then the server closes and the workers go.
 
-Ray is not started here: the caller does it (``pdserve serve`` or a test), so this
-works the same in-process and against a cluster (``ray.init(address=...)``).
+``pdserve serve`` starts Ray before this (or joins a cluster); when nobody has, the
+router's worker registry starts a local Ray itself (tests, embedding).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Service:
 
     def _serving(self) -> bool:
         """gRPC health's verdict, which the HTTP API's /health and /ready report too."""
-        return self.grpc is not None and bool(self.grpc.health.serving)
+        return self.grpc is not None and self.grpc.health.serving()
 
     @property
     def http_url(self) -> str | None:
@@ -82,11 +83,15 @@ class Service:
         return f"{self.http.scheme}://{host}:{self.http.port}"
 
     async def stop(self) -> None:
+        self.router.begin_shutdown()
+        if self.grpc is not None:
+            await self.grpc.health.update()  # NOT_SERVING now: balancers stop sending
+        await self.router.shutdown(self.server_config.shutdown_grace_s)
         for t in self._tasks:
             t.cancel()
+        # The router has ended every stream: the servers only let last bytes leave.
         await asyncio.gather(*(s.stop() for s in (self.http, self.grpc) if s is not None))
         self.metrics.stop()
-        await self.router.shutdown()
 
     def usage(self) -> str:
         """How to reach the service, printed by ``pdserve serve``."""

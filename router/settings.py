@@ -26,9 +26,9 @@ import typing
 from typing import Any, NamedTuple
 
 from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
-from engine.worker_config import KV_BACKENDS
 from router.config import RouterConfig
 from router.server_config import API_KEY_ENV, ServerConfig
+from runtime.config import KV_BACKENDS
 
 # Flags of `pdserve serve` (their names are a contract: scripts depend on them), each the
 # field of the same name with dashes. --model is engine.model.
@@ -46,6 +46,13 @@ ROUTER_FLAGS: dict[str, str] = {
                       "a long prompt's chunks; fcfs serves in arrival order",
     "prefill_step_tokens": "prefill workers' token budget per step (default: the engine's "
                            "max_num_batched_tokens); smaller starts short prompts sooner",
+    "max_inflight": "requests in flight at once for the whole deployment; beyond it calls "
+                    "get RESOURCE_EXHAUSTED at once, with a retry hint",
+    "max_inflight_per_worker": "the same bound per decode (or colocated) worker",
+    "request_timeout_s": "how long a request may take when the client sets no deadline",
+    "worker_wait_s": "how long a request waits for a worker of a role while none is alive "
+                     "(one is being replaced), before UNAVAILABLE",
+    "max_prompt_bytes": "largest prompt accepted, in bytes of text (INVALID_ARGUMENT beyond)",
     "ray_address": "join an existing Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of "
                    "starting Ray in this process",
 }
@@ -57,6 +64,8 @@ SERVER_FLAGS: dict[str, str] = {
     "api_key": f"require 'authorization: Bearer KEY' on every call (or set {API_KEY_ENV})",
     "tls_cert": "PEM certificate chain; serve TLS (with --tls-key)",
     "tls_key": "PEM private key of --tls-cert",
+    "shutdown_grace_s": "on SIGTERM, running streams get this long to finish before they "
+                        "end with FINISH_REASON_ABORT",
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("disaggregated", "colocated"),

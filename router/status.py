@@ -16,7 +16,12 @@ import grpc
 
 from engine.errors import InvalidRequestError, RequestNotFoundError
 from engine.sampling_params import SamplingParamsError
-from router.errors import NoWorkersError, QueueFullError, RequestFailedError
+from router.errors import (
+    NoWorkersError,
+    OverloadedError,
+    QueueFullError,
+    RequestFailedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (SamplingParamsError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoWorkersError, grpc.StatusCode.UNAVAILABLE),
     (RequestFailedError, grpc.StatusCode.INTERNAL),
     (RequestNotFoundError, grpc.StatusCode.NOT_FOUND),

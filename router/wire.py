@@ -10,16 +10,15 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-from decode_worker.messages import WorkerStats
 from engine.errors import InvalidRequestError
-from engine.request import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams
 from engine.tokenizer import CHAT_ROLES
+from messages import TokenLogprobs, WorkerStats
 from proto.pdserve.v1 import generation_pb2 as pb
-from router.cluster import WorkerHandle
 from router.core import Router
 from router.metrics import queue_seconds, transfer_seconds
 from router.request_state import Delta, Final, RouterRequest
+from router.worker_handle import WorkerHandle
 
 MAX_REQUEST_ID_CHARS = 256
 
@@ -171,16 +170,19 @@ def model_info(router: Router) -> pb.ModelInfo:
 def server_info(router: Router, version: str, uptime_s: float) -> pb.ServerInfo:
     return pb.ServerInfo(
         version=version, mode=router.config.mode,
-        kv_transfer=router.cluster.kv_transfer,
+        kv_transfer=router.registry.kv_transfer,
         workers=[worker_info(h) for h in router.workers()],
         num_requests_in_flight=len(router.requests),
         num_requests_queued=router.num_queued,
         max_queued_requests=router.config.max_queue,
-        uptime_seconds=uptime_s)
+        uptime_seconds=uptime_s,
+        max_requests_in_flight=router.admission.limit,
+        num_requests_refused=router.admission.refused)
 
 
 def worker_info(h: WorkerHandle) -> pb.WorkerInfo:
-    info = pb.WorkerInfo(worker_id=h.worker_id, role=ROLES.get(h.role), alive=h.alive)
+    info = pb.WorkerInfo(worker_id=h.worker_id, role=ROLES.get(h.role), alive=h.alive,
+                         draining=h.draining)
     s: WorkerStats | None = h.stats
     if s is not None:
         info.num_requests_running = s.num_running
@@ -191,4 +193,9 @@ def worker_info(h: WorkerHandle) -> pb.WorkerInfo:
         info.prefix_cache_queries_blocks = s.prefix_queries
         info.prefix_cache_hits_blocks = s.prefix_hits
         info.num_preemptions = s.num_preemptions
+        if s.pool is not None:
+            p = s.pool
+            info.kv_blocks.CopyFrom(pb.KVBlockOwners(
+                free=p.free, cached=p.cached, running=p.running, reserved=p.reserved,
+                transfer=p.transfer))
     return info

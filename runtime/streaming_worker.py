@@ -32,7 +32,9 @@ class StreamingWorker(WorkerBase):
         self.tokens.emit([token_event(o) for o in outputs])
 
     async def abort(self, request_id: str) -> bool:
-        """Cancel a request; True if it was here. Its blocks are back in the pool after."""
+        """Cancel a request; True if it was here. Its blocks are back in the pool after.
+        A call for it that arrives later is refused (runtime/aborted_ids.py)."""
+        self.aborted.add(request_id)
 
         def do(engine: LLMEngine) -> bool:
             if not engine.has_request(request_id):

@@ -50,4 +50,4 @@ def token_event(o: RequestOutput) -> TokenEvent:
     """One request's part of a step: its new tokens (with their logprobs) and its end."""
     lps = o.logprobs[-len(o.new_token_ids):] if o.new_token_ids and o.logprobs else []
     return TokenEvent(o.request_id, list(o.new_token_ids), lps, o.finish_reason,
-                      o.num_cached_tokens)
+                      o.num_cached_tokens, o.error)

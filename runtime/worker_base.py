@@ -20,6 +20,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from messages import PoolState, WorkerStats
+from runtime.aborted_ids import AbortedIds
 from runtime.config import WorkerConfig
 
 T = TypeVar("T")
@@ -30,6 +31,7 @@ class WorkerBase(abc.ABC):
         self.config = config
         self.worker_id = config.worker_id
         self.engine = engine
+        self.aborted = AbortedIds()  # refuse calls that arrive after their abort
         self.loop = EngineLoop(engine, self._on_outputs, name=f"{self.worker_id}-engine")
         self.loop.start()
 

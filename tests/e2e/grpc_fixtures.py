@@ -122,10 +122,9 @@ def live() -> Iterator[LiveService]:
         _STARTED_RAY = True
     router_config = RouterConfig(
         mode="disaggregated", prefill_workers=1, decode_workers=1,
-        engine=EngineConfig(cache=CacheConfig(memory_bytes=KV_MEMORY_BYTES)),
-        health_interval_s=1.0)
+        engine=EngineConfig(cache=CacheConfig(memory_bytes=KV_MEMORY_BYTES)))
     server_config = ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=free_port(), api_key=API_KEY,
+        host="127.0.0.1", port=0, metrics_port=free_port(), http_port=0, api_key=API_KEY,
         max_message_bytes=MAX_MESSAGE_BYTES, health_interval_s=0.2, stats_interval_s=0.5)
     _LIVE = LiveService(router_config, server_config)
     yield _LIVE

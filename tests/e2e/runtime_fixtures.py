@@ -38,7 +38,6 @@ def ensure_ray() -> None:
 def router_config(**kw: Any) -> RouterConfig:
     blocks = kw.pop("num_blocks", None)
     cache = CacheConfig(num_blocks=blocks) if blocks else CacheConfig(memory_bytes=128 << 20)
-    kw.setdefault("health_interval_s", 1.0)
     return RouterConfig(engine=EngineConfig(cache=cache), **kw)
 
 
@@ -103,13 +102,20 @@ class RouterHarness:
         deadline = time.monotonic() + timeout
         while True:
             pools = self.pools()
-            if all(s["used"] == 0 and s["requests"] == 0 and s["held"] == 0
-                   for s in pools.values()) or time.monotonic() > deadline:
+            if all(is_clean(s) for s in pools.values()) or time.monotonic() > deadline:
                 return pools
             time.sleep(0.2)
+
+
+def is_clean(s: dict[str, int]) -> bool:
+    """Every block free or cached (owned by nobody), no request, the books balanced."""
+    return (s["used"] == 0 and s["requests"] == 0 and s["held"] == 0
+            and s["blocks_running"] == s["blocks_reserved"] == s["blocks_transfer"] == 0
+            and s["blocks_free"] + s["blocks_cached"] == s["usable"]
+            and s["violations"] == 0)
 
 
 def assert_clean(h: RouterHarness) -> None:
     pools = h.wait_clean()
     for wid, s in pools.items():
-        assert s["used"] == 0 and s["requests"] == 0 and s["held"] == 0, (wid, s)
+        assert is_clean(s), (wid, s)

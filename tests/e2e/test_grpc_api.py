@@ -158,7 +158,7 @@ def test_full_admission_queue_is_resource_exhausted(live: LiveService) -> None:
     router = live.router
 
     async def set_waiting(n: int) -> None:
-        router._waiting = n
+        router.placement.waiting = n
 
     live.run(set_waiting(router.config.max_queue))
     try:

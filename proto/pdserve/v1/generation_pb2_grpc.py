@@ -31,6 +31,11 @@ class GenerationStub(object):
                 request_serializer=pdserve_dot_v1_dot_generation__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_generation__pb2.ServerInfo.FromString,
                 )
+        self.DrainWorker = channel.unary_unary(
+                '/pdserve.v1.Generation/DrainWorker',
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.DrainWorkerResponse.FromString,
+                )
 
 
 class GenerationServicer(object):
@@ -61,6 +66,15 @@ class GenerationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """Takes one worker out of rotation (the operation behind a rolling restart): a
+        replacement starts, the worker's requests continue elsewhere (re-prefilled with
+        their tokens so far; greedy ones stay token-identical), then it stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +92,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=pdserve_dot_v1_dot_generation__pb2.GetServerInfoRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_generation__pb2.ServerInfo.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.DrainWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,5 +158,22 @@ class Generation(object):
         return grpc.experimental.unary_unary(request, target, '/pdserve.v1.Generation/GetServerInfo',
             pdserve_dot_v1_dot_generation__pb2.GetServerInfoRequest.SerializeToString,
             pdserve_dot_v1_dot_generation__pb2.ServerInfo.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/pdserve.v1.Generation/DrainWorker',
+            pdserve_dot_v1_dot_generation__pb2.DrainWorkerRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.DrainWorkerResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

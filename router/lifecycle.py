@@ -1,0 +1,187 @@
+"""A request's life in the router: one task per request places it, and places it again.
+
+    drive(rr)      while the request is not done: one attempt
+    attempt        disaggregated: reserve blocks on decode worker D -> prefill on P (the
+                   KV goes to D) -> first token to the client -> D.start(handle) -> wait
+                   until D ends the attempt (router/streams.py)
+                   colocated: the whole request to one worker -> wait likewise
+    attempt ends   finished (the worker ended it)       -> done
+                   a stop string matched here           -> abort on D, done
+                   migrated (D preempted it) / a worker
+                   it used died / its KV transfer failed -> the next attempt, with prompt
+                                                          + tokens so far, elsewhere
+    cleanup        whatever ends an attempt early -- cancel (client gone), deadline, an
+                   error -- every worker the attempt *sent* something to is told to abort
+                   it, even if the reply never came; workers refuse late calls for an
+                   aborted id, so no KV block outlives the request.
+
+Each attempt has its own id on the workers (``attempt_id``: the request id and the
+attempt's number), so whatever a worker still says about an earlier attempt is stale by
+construction, and a worker's memory of aborted ids never refuses a later attempt.
+
+Attempts are bounded (MAX_PLACEMENTS) and every wait races the workers' lifelines and
+ends by the request's deadline, so nothing waits on a dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from messages import PrefillAborted, PrefillResult, PrefillTask
+from router.config import RouterConfig
+from router.errors import RequestFailedError, RouterError, TransferFailed, WorkerLost
+from router.placement import Placement
+from router.request_state import AttemptEnd, Phase, RouterRequest
+from router.worker_handle import WorkerHandle, cause
+
+log = logging.getLogger(__name__)
+MAX_PLACEMENTS = 8  # attempts of one request (retries and migrations) before giving up
+
+
+class Lifecycle:
+    def __init__(self, config: RouterConfig, placement: Placement) -> None:
+        self.config = config
+        self.placement = placement
+        self.attempts: dict[str, RouterRequest] = {}  # attempt id -> request, while on
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def drive(self, rr: RouterRequest) -> None:
+        """The request's owner task: runs until it is done, failed or cancelled."""
+        try:
+            while not rr.done:
+                if rr.placements >= MAX_PLACEMENTS:
+                    raise RequestFailedError(
+                        f"request {rr.request_id} could not be placed after "
+                        f"{MAX_PLACEMENTS} attempts")
+                rr.placements += 1
+                aid = rr.attempt_id
+                touched: set[WorkerHandle] = set()
+                self.attempts[aid] = rr
+                try:
+                    end = await self._attempt(rr, touched)
+                except (WorkerLost, TransferFailed) as e:
+                    log.info("request %s: %s; placing it again", rr.request_id, e)
+                    rr.phase = Phase.REPLACING
+                    self._abort_on(aid, touched)
+                    continue
+                except BaseException:
+                    self._abort_on(aid, touched)
+                    raise
+                finally:
+                    del self.attempts[aid]
+                if end is AttemptEnd.MIGRATED:
+                    rr.events.migrations += 1
+                    rr.phase = Phase.REPLACING
+                elif end is AttemptEnd.STOPPED_HERE:
+                    self._abort_on(aid, touched)
+        except asyncio.CancelledError:
+            raise
+        except (RouterError, InvalidRequestError, SamplingParamsError, TimeoutError) as e:
+            rr.fail(e)
+        except Exception as e:
+            log.exception("request %s failed", rr.request_id)
+            rr.fail(RequestFailedError(f"request {rr.request_id} failed: {e}"))
+
+    async def _attempt(self, rr: RouterRequest, touched: set[WorkerHandle]) -> AttemptEnd:
+        if self.config.mode == "colocated":
+            return await self._attempt_colocated(rr, touched)
+        return await self._attempt_disaggregated(rr, touched)
+
+    async def _attempt_disaggregated(self, rr: RouterRequest, touched: set[WorkerHandle]
+                                     ) -> AttemptEnd:
+        tokens, params = rr.next_chunk()
+        rr.phase = Phase.RESERVING
+        d, blocks = await self.placement.reserve(rr, tokens, params, touched)
+        res = await self._prefill(rr, tokens, params, d, blocks, touched)
+        if rr.events.migrations == 0 and not rr.generated:
+            rr.cached_tokens = res.num_cached_tokens
+        stopped = rr.add_tokens([res.first_token], [res.logprobs] if res.logprobs else [])
+        if stopped or res.finish_reason is not None:
+            rr.finish("stop" if stopped else res.finish_reason or "stop")
+            return AttemptEnd.STOPPED_HERE  # D still holds the reservation
+        rr.phase = Phase.STARTING
+        ended = rr.begin_attempt()
+        rr.worker = d.worker_id
+        d.requests.add(rr.request_id)
+        try:
+            t0 = asyncio.get_running_loop().time()
+            await d.start(rr.attempt_id, res, rr.cached_tokens)
+            rr.events.import_seconds += asyncio.get_running_loop().time() - t0
+            rr.phase = Phase.DECODING
+            return await d.call(ended)
+        finally:
+            d.requests.discard(rr.request_id)
+            rr.worker = None
+
+    async def _prefill(self, rr: RouterRequest, tokens: list[int], params: SamplingParams,
+                       d: WorkerHandle, blocks: list[int], touched: set[WorkerHandle]
+                       ) -> PrefillResult:
+        rr.phase = Phase.PREFILLING
+        p, hashes = await self.placement.prefill_worker(rr, tokens)
+        assert p.load is not None and d.endpoint is not None
+        if rr.events.prefill_sent is None:
+            rr.events.prefill_sent = asyncio.get_running_loop().time()
+        task = PrefillTask(rr.attempt_id, tokens, params, d.endpoint, blocks)
+        p.load.outstanding_tokens += len(tokens)
+        p.requests.add(rr.request_id)
+        touched.add(p)
+        try:
+            res = await p.prefill(task, d)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, PrefillAborted):  # not by us: e.g. the worker drains
+                raise TransferFailed(f"prefill on {p.worker_id} was aborted") from None
+            raise RequestFailedError(f"prefill failed: {cause(e)}") from None
+        finally:
+            p.load.outstanding_tokens -= len(tokens)
+            p.requests.discard(rr.request_id)
+        touched.discard(p)  # it released its blocks (kept as prefix cache)
+        p.load.remember(hashes)
+        ev = rr.events
+        ev.queue_seconds += res.queue_seconds
+        ev.prefill_seconds += res.prefill_seconds
+        ev.transfer_seconds += res.transfer_seconds
+        ev.transfer_bytes += res.handle.nbytes if res.handle else 0
+        return res
+
+    async def _attempt_colocated(self, rr: RouterRequest, touched: set[WorkerHandle]
+                                 ) -> AttemptEnd:
+        tokens, params = rr.next_chunk()
+        w = await self.placement.colocated_worker(rr)
+        ended = rr.begin_attempt()
+        rr.worker = w.worker_id
+        w.requests.add(rr.request_id)
+        touched.add(w)
+        try:
+            rr.phase = Phase.DECODING
+            try:
+                await w.generate(rr.attempt_id, tokens, params)
+            except ray.exceptions.RayTaskError as e:
+                raise RequestFailedError(f"generate failed: {cause(e)}") from None
+            end = await w.call(ended)
+            if end is AttemptEnd.FINISHED or end is AttemptEnd.MIGRATED:
+                touched.discard(w)
+            return end
+        finally:
+            w.requests.discard(rr.request_id)
+            rr.worker = None
+
+    # -- cleanup -------------------------------------------------------------------------
+    def _abort_on(self, request_id: str, workers: set[WorkerHandle]) -> None:
+        """Tell every worker that may hold something of the request to drop it. Runs as
+        its own task: a cancelled request must still clean up."""
+        for h in list(workers):
+            if h.alive:
+                t = asyncio.get_running_loop().create_task(h.abort(request_id))
+                self._cleanups.add(t)
+                t.add_done_callback(self._cleanups.discard)
+        workers.clear()
+
+    async def settle(self) -> None:
+        """Wait for the aborts in flight (tests audit pools after this; shutdown)."""
+        while self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)

@@ -1,0 +1,103 @@
+"""Placement: which workers a request runs on (the policies are in router/routing.py).
+
+- Decode: KV blocks reserved on the live decode worker with the lowest estimated KV
+  usage that has room. With no room anywhere the request waits for room (streams
+  report freed blocks), at most ``max_queue`` requests at once and never past its
+  deadline.
+- Prefill: prefix-cache affinity, then queued tokens.
+- Colocated: the worker with the lowest estimated KV usage.
+
+Every call that may leave state on a worker records that worker in ``touched`` *before*
+it is sent: if the request is cancelled while the call is in flight, the lifecycle
+still knows whom to tell (see router/lifecycle.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from engine.sampling_params import SamplingParams
+from router.config import RouterConfig
+from router.errors import QueueFullError, WorkerLost
+from router.request_state import RouterRequest
+from router.routing import block_hashes, pick_prefill
+from router.worker_handle import WorkerHandle
+from router.worker_registry import WorkerRegistry
+
+ROOM_POLL_S = 1.0  # re-check for room this often even without a stream's notice
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed while it waited (DEADLINE_EXCEEDED)."""
+
+
+class Placement:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, block_size: int
+                 ) -> None:
+        self.config = config
+        self.registry = registry
+        self.block_size = block_size
+        self.waiting = 0  # requests waiting for KV room (what max_queue bounds)
+        self._room = asyncio.Condition()
+
+    async def room_changed(self) -> None:
+        """A worker reported its pool (or a worker started): waiters look again."""
+        async with self._room:
+            self._room.notify_all()
+
+    async def reserve(self, rr: RouterRequest, tokens: list[int], params: SamplingParams,
+                      touched: set[WorkerHandle]) -> tuple[WorkerHandle, list[int]]:
+        """Blocks for ``tokens`` on a decode worker; waits (bounded) while none has room."""
+        waiting = False
+        est = -(-len(tokens) // self.block_size)
+        try:
+            while True:
+                live = await self.registry.wait_live("decode", rr.deadline)
+                live.sort(key=lambda h: (h.est_usage(), len(h.requests)))
+                for d in live:
+                    d.fresh_blocks += est  # before awaiting, so concurrent picks spread out
+                    touched.add(d)
+                    try:
+                        blocks = await d.reserve(rr.attempt_id, tokens, params)
+                    except WorkerLost:
+                        continue
+                    finally:
+                        d.fresh_blocks -= est
+                    if blocks is not None:
+                        d.fresh_blocks += est  # until its next stats report counts them
+                        return d, blocks
+                    touched.discard(d)
+                if not waiting:
+                    if self.waiting >= self.config.max_queue:
+                        raise QueueFullError(
+                            f"{self.waiting} requests already wait for KV room "
+                            f"(max_queue={self.config.max_queue})")
+                    waiting = True
+                    self.waiting += 1
+                await self._wait_for_room(rr)
+        finally:
+            if waiting:
+                self.waiting -= 1
+
+    async def _wait_for_room(self, rr: RouterRequest) -> None:
+        left = rr.remaining_s()
+        if left <= 0:
+            raise DeadlineExceeded(f"request {rr.request_id} waited for KV room until its "
+                                   "deadline")
+        async with self._room:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout=min(ROOM_POLL_S, left))
+
+    async def prefill_worker(self, rr: RouterRequest, tokens: list[int]
+                             ) -> tuple[WorkerHandle, list[int]]:
+        """The prefill worker for ``tokens`` and the prompt's block hashes."""
+        live = await self.registry.wait_live("prefill", rr.deadline)
+        hashes = block_hashes(tokens, self.block_size)
+        load = pick_prefill([h.load for h in live if h.load is not None], hashes,
+                            self.block_size)
+        return self.registry.workers[load.worker_id], hashes
+
+    async def colocated_worker(self, rr: RouterRequest) -> WorkerHandle:
+        live = await self.registry.wait_live("colocated", rr.deadline)
+        return min(live, key=lambda h: (h.est_usage(), len(h.requests)))

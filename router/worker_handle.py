@@ -1,0 +1,137 @@
+"""The router's handle on one worker actor: what it knows of the worker, and the typed
+calls it makes to it. The path router -> worker reads here: every remote call the
+router makes goes through one of these methods.
+
+Liveness comes from Ray itself, never from timing: ``lost`` resolves when the worker's
+lifeline call fails (the actor died, or its node did) or a call to it reported the actor
+dead. A busy worker answers late; it is never declared dead for that. Every call races
+``lost``, so no request waits on a dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import ray
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from messages import Endpoint, PrefillResult, PrefillTask, WorkerStats
+from router.errors import TransferFailed, WorkerLost
+from router.routing import PrefillLoad
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    worker_id: str
+    role: str  # prefill | decode | colocated
+    actor: Any  # ray ActorHandle of runtime.actors' class for the role
+    endpoint: Endpoint | None = None  # decode: where prefill workers send KV
+    stats: WorkerStats | None = None
+    alive: bool = True
+    draining: bool = False  # out of rotation (pdserve drain): takes no new requests
+    load: PrefillLoad | None = None  # prefill workers: affinity and queued tokens
+    # Requests placed here whose tokens this worker streams (decode/colocated) or whose
+    # prefill it runs (prefill): for drains and the in-flight bound.
+    requests: set[str] = field(default_factory=set)
+    # Blocks reserved since the last stats report: a burst of requests must not all pick
+    # the worker whose (stale) stats looked emptiest.
+    fresh_blocks: int = 0
+    lost: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    stream_task: asyncio.Task[None] | None = None
+
+    @property
+    def accepting(self) -> bool:
+        return self.alive and not self.draining
+
+    def est_usage(self) -> float:
+        """Estimated KV usage including reservations the stats do not show yet."""
+        if self.stats is None:
+            return 0.0
+        return self.stats.kv_usage + self.fresh_blocks / max(self.stats.num_usable_blocks, 1)
+
+    def mark_lost(self) -> None:
+        self.alive = False
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    # -- calls -------------------------------------------------------------------------
+    async def call(self, ref: Awaitable[T], *others: WorkerHandle) -> T:
+        """Await a remote call to this worker; WorkerLost if this worker (or one of
+        ``others`` the caller also depends on) dies first. Errors raised inside the
+        worker come back as ray.exceptions.RayTaskError."""
+        fut = asyncio.ensure_future(ref)
+        watched = [self, *others]
+        try:
+            await asyncio.wait([fut, *(h.lost for h in watched)],
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        for h in watched:
+            if h.lost.done():
+                fut.cancel()
+                raise WorkerLost(h.worker_id)
+        try:
+            return fut.result()
+        except ray.exceptions.RayActorError:
+            self.mark_lost()
+            raise WorkerLost(self.worker_id) from None
+        except ray.exceptions.RayTaskError as e:
+            # The request's own fault, found by the worker (say, a prompt that needs
+            # more KV blocks than its pool has): the client's error, not ours.
+            if isinstance(e.cause, (InvalidRequestError, SamplingParamsError)):
+                raise e.cause from None
+            raise
+
+    async def reserve(self, request_id: str, tokens: list[int], params: SamplingParams
+                      ) -> list[int] | None:
+        return await self.call(self.actor.reserve.remote(request_id, tokens, params))
+
+    async def prefill(self, task: PrefillTask, decode: WorkerHandle) -> PrefillResult:
+        """The prefill and the KV send to ``decode``, which must stay alive for it."""
+        return await self.call(self.actor.prefill.remote(task), decode)
+
+    async def start(self, request_id: str, res: PrefillResult, cached_tokens: int) -> None:
+        try:
+            await self.call(self.actor.start.remote(request_id, res.first_token, res.handle,
+                                                    res.logprobs, cached_tokens))
+        except ray.exceptions.RayTaskError as e:
+            raise TransferFailed(f"KV import failed on {self.worker_id}: {cause(e)}") from None
+
+    async def generate(self, request_id: str, tokens: list[int], params: SamplingParams
+                       ) -> None:
+        await self.call(self.actor.generate.remote(request_id, tokens, params))
+
+    async def abort(self, request_id: str) -> None:
+        """Drop the request on this worker, whatever it holds of it. Fire and forget in
+        spirit: a dead worker holds nothing, and the worker remembers the id so a call
+        still on its way for it is refused."""
+        if not self.alive:
+            return
+        with contextlib.suppress(WorkerLost, ray.exceptions.RayError):
+            await self.call(self.actor.abort.remote(request_id))
+
+    def stream(self) -> Any:
+        """The worker's step batches (an ObjectRefGenerator of StepBatch)."""
+        return self.actor.stream.remote()
+
+    async def fetch_stats(self) -> WorkerStats:
+        return await self.call(self.actor.stats.remote())
+
+    async def pool_state(self) -> dict[str, int]:
+        return await self.call(self.actor.pool_state.remote())
+
+
+def cause(e: ray.exceptions.RayTaskError) -> str:
+    """The worker-side exception of a failed call, as one line."""
+    c = getattr(e, "cause", None)
+    return f"{type(c).__name__}: {c}" if c is not None else str(e).splitlines()[0]
+

@@ -1,0 +1,210 @@
+"""Which workers exist, which are alive, and replacing the ones that die.
+
+Actors are created with the resources the config asks for: ``num_gpus`` (whole, or a
+fraction so prefill and decode share one GPU) or, on CPU, ``num_cpus`` equal to the
+torch threads of the worker (runtime.config.ray_resources: one place for that rule).
+
+Failure detector: each worker gets one *lifeline* call when it starts, which the worker
+never answers. Ray fails it when the actor's process dies or its node is lost, so a
+death is seen within Ray's own detection time and a busy worker -- however deep its
+queue -- is never mistaken for a dead one. A death marks the handle lost (every request
+waiting on it is placed again, see router/lifecycle.py) and starts a replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from router.config import RouterConfig
+from router.errors import NoWorkersError
+from router.routing import PrefillLoad
+from router.worker_handle import WorkerHandle
+from runtime.actors import actor_class
+from runtime.config import WorkerConfig, ray_resources
+
+log = logging.getLogger(__name__)
+REPLACE_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed replacement attempts
+# Calls beyond the admitted requests' own: stream, lifeline, stats, aborts.
+CONTROL_CALLS = 64
+
+
+class WorkerRegistry:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.kv_transfer = config.resolved_kv_transfer()
+        self.workers: dict[str, WorkerHandle] = {}
+        self.on_started: list[Callable[[WorkerHandle], None]] = []
+        self.on_lost: list[Callable[[WorkerHandle], None]] = []
+        self._ids = itertools.count()
+        self._starting: dict[str, int] = {}  # spawns under way, by role
+        self._replacing: dict[str, int] = {}  # replacements under way (retries included)
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._owns_ray = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if not ray.is_initialized():  # tests and embedders; `pdserve serve` starts Ray itself
+            ray.init(address=self.config.ray_address, include_dashboard=False,
+                     log_to_driver=True, ignore_reinit_error=True)
+            self._owns_ray = True
+        roles = [r for r in self.config.roles for _ in range(self.config.num_workers(r))]
+        await asyncio.gather(*(self.spawn(r) for r in roles))
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        for t in list(self._tasks):
+            t.cancel()
+        for h in list(self.workers.values()):
+            if h.stream_task is not None:
+                h.stream_task.cancel()
+            self._kill(h)
+        self.workers.clear()
+        if self._owns_ray:
+            ray.shutdown()
+
+    async def spawn(self, role: str) -> WorkerHandle:
+        """Create one worker actor and wait until it has loaded its model."""
+        self._starting[role] = self._starting.get(role, 0) + 1
+        try:
+            h = await self._create(role)
+        finally:
+            self._starting[role] -= 1
+            await self._notify()
+        self.workers[h.worker_id] = h
+        self._spawn_task(self._watch_lifeline(h))
+        for cb in self.on_started:
+            cb(h)
+        await self._notify()
+        return h
+
+    async def _create(self, role: str) -> WorkerHandle:
+        wid = f"{role}-{next(self._ids)}"
+        cfg = self.config
+        wcfg = WorkerConfig(worker_id=wid, role=role, engine=cfg.worker_engine(role),
+                            kv_transfer=self.kv_transfer,
+                            transfer_timeout_s=cfg.transfer_timeout_s,
+                            watermark=cfg.decode_watermark)
+        opts: dict[str, Any] = {
+            "name": f"pdserve-{wid}-{id(self):x}", "max_restarts": 0,
+            "max_concurrency": cfg.admission_limit + CONTROL_CALLS,
+            **ray_resources(cfg.gpus_per_worker, cfg.threads_per_worker)}
+        actor = actor_class(role).options(**opts).remote(wcfg)
+        try:
+            await actor.ping.remote()
+            h = WorkerHandle(wid, role, actor)
+            if role == "prefill":
+                h.load = PrefillLoad(wid)
+            else:
+                h.endpoint = await actor.endpoint.remote()
+                h.stats = await actor.stats.remote()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            raise
+        return h
+
+    # -- liveness ------------------------------------------------------------------------
+    async def _watch_lifeline(self, h: WorkerHandle) -> None:
+        lifeline = asyncio.ensure_future(h.actor.lifeline.remote())
+        try:
+            await asyncio.wait([lifeline, h.lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lifeline.cancel()
+        self.lose(h, "its actor died" if not h.lost.done() else "a call found it dead")
+
+    def lose(self, h: WorkerHandle, why: str) -> None:
+        """The worker is gone: forget it, tell the waiters, start a replacement."""
+        if self.workers.get(h.worker_id) is not h:
+            return
+        del self.workers[h.worker_id]
+        h.mark_lost()
+        self._kill(h)  # it may be half alive (unreachable node): make sure
+        if self._closing:
+            return
+        log.warning("worker %s lost (%s); starting a replacement", h.worker_id, why)
+        for cb in self.on_lost:
+            cb(h)
+        self.start_replacement(h.role)
+        self._spawn_task(self._notify())
+
+    def start_replacement(self, role: str) -> None:
+        """Start a worker of ``role`` in the background. It counts as starting from now
+        (through its retries too), so requests wait for it rather than fail."""
+        self._replacing[role] = self._replacing.get(role, 0) + 1
+        self._spawn_task(self._replace(role))
+
+    async def _replace(self, role: str) -> None:
+        try:
+            for delay in (*REPLACE_BACKOFF_S, None):
+                try:
+                    await self.spawn(role)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("could not start a replacement %s worker", role)
+                if delay is None:
+                    break
+                await asyncio.sleep(delay)
+            log.error("gave up replacing a %s worker", role)
+        finally:
+            self._replacing[role] -= 1
+            await self._notify()
+
+    def retire(self, h: WorkerHandle) -> None:
+        """Take a drained worker away for good (its replacement was started first)."""
+        self.workers.pop(h.worker_id, None)
+        h.mark_lost()
+        self._kill(h)
+
+    # -- views and waits -----------------------------------------------------------------
+    def live(self, role: str) -> list[WorkerHandle]:
+        """Workers of the role that take new requests."""
+        return [h for h in self.workers.values() if h.role == role and h.accepting]
+
+    def starting(self, role: str) -> int:
+        """Workers of the role on their way (spawning, or replacements between tries)."""
+        return self._starting.get(role, 0) + self._replacing.get(role, 0)
+
+    async def wait_live(self, role: str, deadline: float) -> list[WorkerHandle]:
+        """Live workers of the role; if there are none but one is starting (a
+        replacement), wait for it until ``deadline`` (loop time) or worker_wait_s."""
+        loop = asyncio.get_running_loop()
+        until = min(deadline, loop.time() + self.config.worker_wait_s)
+        async with self._changed:
+            while True:
+                live = self.live(role)
+                if live:
+                    return live
+                left = until - loop.time()
+                if self._closing or not self.starting(role) or left <= 0:
+                    raise NoWorkersError(f"no {role} worker is alive")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _spawn_task(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _kill(h: WorkerHandle) -> None:
+        h.alive = False
+        try:
+            ray.kill(h.actor, no_restart=True)
+        except Exception:  # already gone
+            log.debug("kill %s: already gone", h.worker_id)
