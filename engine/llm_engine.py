@@ -10,57 +10,31 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from engine.block_ledger import BlockLedger, build_ledger, request_owners
 from engine.block_pool import BlockPool
-from engine.config import EngineConfig, ModelConfig, cdiv, default_num_blocks
+from engine.config import EngineConfig, ModelConfig, cdiv, default_num_blocks, max_model_len
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, RequestNotFoundError
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_layout import KVLayout
+from engine.logprobs import TokenLogprobs
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestMetrics, RequestOutput
-from engine.request import Request, RequestStatus, TokenLogprobs
+from engine.request import Request, RequestStatus
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from engine.stats import EngineStats
 from engine.step_isolation import ChunkResult, run_isolated
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import load_tokenizer
 from engine.validation import validate_prompt
-from engine.weights import ModelSource, load_model_config, load_state_dict, resolve_model
+from engine.weights import load_model_config, load_state_dict, resolve_model
+from kernels import scatter_blocks
 
 log = logging.getLogger(__name__)
-
-MAX_POSITIONS_CAP = 32768  # RoPE table and default context cap for very long-context models
-
-
-def load_tokenizer(src: ModelSource) -> Tokenizer | None:
-    """The model's tokenizer; dummy-weight models have none (token-id prompts only)."""
-    if src.kind == "gguf":
-        assert src.path is not None
-        return Tokenizer.from_gguf(src.path)
-    if src.kind == "hf":
-        assert src.path is not None
-        return Tokenizer.from_hf_dir(src.path)
-    return None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for load balancing and metrics."""
-
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_usable_blocks: int
-    kv_usage: float
-    prefix_queries: int
-    prefix_hits: int
-    num_preemptions: int
-
 
 class LLMEngine:
     """One model, one KV pool, one scheduler.
@@ -92,8 +66,7 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(self.source)
         self.tokenizer = load_tokenizer(self.source)
         mc = self.model_config
-        self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings, MAX_POSITIONS_CAP)
+        self.max_model_len = max_model_len(config, mc)
         num_blocks = default_num_blocks(mc, config.cache, config.scheduler, self.dtype)
         self.layout = KVLayout(num_blocks, mc.num_hidden_layers, config.cache.block_size,
                                mc.num_key_value_heads, mc.head_dim, self.dtype)
@@ -406,3 +379,47 @@ class LLMEngine:
         if req.hold_blocks and req.status is not RequestStatus.FINISHED_ABORTED:
             self.held[req.request_id] = req
         return out
+
+    # -- worker surface -----------------------------------------------------------------
+    # What the runtime roles (prefill_worker, decode_worker, colocated_worker) need
+    # beyond add_request / reserve / start_prefilled / release / abort / stats: they
+    # touch the pool, the cache manager, the runner and held requests only through these.
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.pool.num_usable_blocks
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The physical cache (engine.kv_layout): what a KV sender reads and a transfer
+        endpoint describes."""
+        return self.runner.kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, cache: torch.Tensor) -> None:
+        """Run on ``cache`` instead, a tensor of the same layout whose memory a transfer
+        backend must own (cuda-ipc exports it); set before the first request."""
+        if tuple(cache.shape) != self.layout.shape or cache.dtype != self.layout.dtype:
+            raise ValueError(f"a KV cache of {tuple(cache.shape)} {cache.dtype} does not fit "
+                             f"the layout {self.layout.shape} {self.layout.dtype}")
+        self.runner.kv_cache = cache
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the engine holds anything of it: queued, running, reserved, or
+        finished and holding its blocks for a transfer."""
+        return request_id in self.requests or request_id in self.held
+
+    def held_blocks(self, request_id: str) -> list[int]:
+        """The blocks with the prompt's KV of a finished hold_blocks request (what a
+        prefill worker ships), or [] if it holds none. They stay the engine's until
+        ``release``."""
+        req = self.held.get(request_id)
+        if req is None:
+            return []
+        n = self.kv.num_blocks_needed(req.num_prompt_tokens)
+        return list(self.kv.block_table(request_id))[:n]
+
+    def import_kv(self, block_ids: list[int], staging: torch.Tensor) -> None:
+        """Write fetched KV, (n, *block_shape), into ``block_ids`` (a reservation)."""
+        cache = self.runner.kv_cache
+        ids = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
+        scatter_blocks(cache, ids, staging.to(cache.device))
