@@ -17,8 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("prefill_worker", "decode_worker", "colocated_worker")
 RUNTIME = ("router", *ROLES, "kvtransfer", "runtime", "messages", "bench")
-# Old import paths kept as re-exports while the router switches (then deleted).
-SHIMS: set[str] = set()
 
 TORCH_FREE = [
     "messages", "runtime.config", "runtime.actors", "kvtransfer", "kvtransfer.addresses",
@@ -42,8 +40,6 @@ def imports_of(package: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / package).rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel in SHIMS:
-            continue
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), rel)):
             if isinstance(node, ast.Import):
