@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime clean
+.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime mutation clean
 
 install: $(STAMP)
 
@@ -59,6 +59,47 @@ bench-offline: $(STAMP)
 
 bench-runtime: $(STAMP)
 	$(BIN)/python bench/runtime.py
+
+# Mutation testing of the engine's core (optional, not in CI; docs/mutation.md has the
+# kill rates). CPU heavy: minutes per module on 2 cores. Each module is mutated in its own
+# scratch copy of the tree (the working tree is never touched) and judged by the fast
+# unit tests only. One module: `make mutation MUTATE=engine/sampler.py`.
+MUTATE ?= engine/block_pool.py engine/kv_cache_manager.py $(wildcard engine/scheduler*.py) \
+	engine/sampler.py engine/detokenizer.py
+MUTATION_TESTS ?= tests/unit/test_block_pool.py tests/unit/test_block_ledger.py \
+	tests/unit/test_scheduler.py tests/unit/test_scheduler_policy.py \
+	tests/unit/test_sampler.py tests/unit/test_sampler_guards.py \
+	tests/unit/test_sampling_params.py tests/unit/test_detokenizer.py \
+	$(wildcard tests/unit/test_*_edges.py)
+MUTATION_DIR ?= $(or $(TMPDIR),/tmp)/pdserve-mutation
+MUTATION_JOBS ?= 2
+comma := ,
+empty :=
+space := $(empty) $(empty)
+MUTATION_TEST_LIST := $(subst $(space),$(comma)$(space),$(patsubst %,"%",$(strip $(MUTATION_TESTS))))
+
+$(VENV)/.stamp-mutation: $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[mutation]"
+	touch $@
+
+mutation: $(VENV)/.stamp-mutation
+	@mkdir -p $(MUTATION_DIR); : > $(MUTATION_DIR)/summary.txt
+	@set -e; for m in $(MUTATE); do \
+	  d=$(MUTATION_DIR)/$$(basename $$m .py); rm -rf $$d; mkdir -p $$d; \
+	  git ls-files -co --exclude-standard | tar -c -T - | tar -x -C $$d; \
+	  printf '\n[tool.mutmut]\nsource_paths = ["engine"]\nalso_copy = ["kernels"]\nonly_mutate = ["%s"]\npytest_add_cli_args_test_selection = [%s]\nprocess_isolation = "forkserver"\nuse_git_change_detection = false\n' \
+	    "$$m" '$(MUTATION_TEST_LIST)' >> $$d/pyproject.toml; \
+	  echo "mutating $$m (log: $$d/mutmut.log)"; \
+	  (cd $$d && OMP_NUM_THREADS=1 nice -n 19 $(CURDIR)/$(BIN)/mutmut run \
+	    --max-children $(MUTATION_JOBS) > mutmut.log 2>&1 && \
+	    $(CURDIR)/$(BIN)/mutmut export-cicd-stats >> mutmut.log 2>&1 && \
+	    $(CURDIR)/$(BIN)/mutmut results > survivors.txt 2>&1); \
+	  $(BIN)/python -c 'import json, sys; s = json.load(open(sys.argv[1])); \
+	    k, n = s["killed"] + s["timeout"], s["total"]; \
+	    print("%s: %d/%d killed (%.1f%%), %d survived, %d without tests" \
+	          % (sys.argv[2], k, n, 100 * k / max(n, 1), s["survived"], s["no_tests"]))' \
+	    $$d/mutants/mutmut-cicd-stats.json $$m | tee -a $(MUTATION_DIR)/summary.txt; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
