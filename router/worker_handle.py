@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,6 +46,9 @@ class WorkerHandle:
     lost: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     stream_task: asyncio.Task[None] | None = None
+    # The registry's reaction to a death, run the moment anyone sees it (so a request
+    # that saw it first finds the replacement already counted as starting).
+    on_lost: Callable[[], None] | None = None
 
     @property
     def accepting(self) -> bool:
@@ -58,9 +61,12 @@ class WorkerHandle:
         return self.stats.kv_usage + self.fresh_blocks / max(self.stats.num_usable_blocks, 1)
 
     def mark_lost(self) -> None:
+        if self.lost.done():
+            return
         self.alive = False
-        if not self.lost.done():
-            self.lost.set_result(None)
+        self.lost.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
 
     # -- calls -------------------------------------------------------------------------
     async def call(self, ref: Awaitable[T], *others: WorkerHandle) -> T:

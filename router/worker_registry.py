@@ -80,6 +80,7 @@ class WorkerRegistry:
             self._starting[role] -= 1
             await self._notify()
         self.workers[h.worker_id] = h
+        h.on_lost = lambda: self.lose(h, "a call found it dead")
         self._spawn_task(self._watch_lifeline(h))
         for cb in self.on_started:
             cb(h)
@@ -119,7 +120,7 @@ class WorkerRegistry:
             await asyncio.wait([lifeline, h.lost], return_when=asyncio.FIRST_COMPLETED)
         finally:
             lifeline.cancel()
-        self.lose(h, "its actor died" if not h.lost.done() else "a call found it dead")
+        self.lose(h, "its lifeline call failed")
 
     def lose(self, h: WorkerHandle, why: str) -> None:
         """The worker is gone: forget it, tell the waiters, start a replacement."""

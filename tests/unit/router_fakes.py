@@ -1,0 +1,279 @@
+"""In-process fake worker actors for testing the router's lifecycle without Ray.
+
+They answer the actor API of runtime/actors.py with the semantics that matter to the
+router -- reservations that take blocks from a small pool, prefills that can be held
+in flight, a token stream, aborts (remembered, like runtime/aborted_ids.py), and death
+-- and count every block they hand out, so a test can assert that every path gives
+every block back. Tokens are a function of the whole sequence, as greedy decoding is,
+so a request placed again must continue with exactly the same tokens.
+
+Each call's "remote()" returns an asyncio future, which the router awaits as it would a
+Ray ObjectRef; a dead actor fails its pending and later calls with ActorDiedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from engine.stats import EngineStats
+from messages import (
+    Endpoint,
+    KVSpec,
+    PrefillAborted,
+    PrefillResult,
+    PrefillTask,
+    StepBatch,
+    TokenEvent,
+    TransferHandle,
+    WorkerStats,
+)
+from messages.transfer import KVTransferError
+
+SPEC = KVSpec((1, 2, 16, 1, 8), "float32", 4)
+
+
+def next_token(seq: list[int]) -> int:
+    """The fake model: deterministic in the whole sequence, like greedy decoding."""
+    return (len(seq) * 7 + seq[-1] * 3) % 4000 + 100
+
+
+class _Method:
+    def __init__(self, actor: FakeActor, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+        self.actor, self.fn = actor, fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        return self.actor.submit(self.fn(*args, **kwargs))
+
+
+@dataclass
+class FakeActor:
+    """One worker of any role."""
+
+    worker_id: str
+    role: str
+    num_blocks: int = 64
+    dead: bool = False
+    pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    free_blocks: list[int] = field(default_factory=list)
+    reserved: dict[str, list[int]] = field(default_factory=dict)
+    running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
+    aborted: set[str] = field(default_factory=set)
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (method, request id)
+    # Gates a test may hold shut, to catch a request in that call.
+    reserve_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    prefill_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    start_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    fail_next_start: bool = False
+    events: asyncio.Queue[list[TokenEvent]] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        self.free_blocks = list(range(1, self.num_blocks + 1))
+        self.reserve_gate.set()
+        self.prefill_gate.set()
+        self.start_gate.set()
+        self._ticker: asyncio.Task[None] | None = None
+        if self.role in ("decode", "colocated"):
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def __getattr__(self, name: str) -> _Method:
+        fn = getattr(self, "_" + name, None)
+        if fn is None:
+            raise AttributeError(name)
+        return _Method(self, fn)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.dead:
+            coro.close()
+            fut.set_exception(ray.exceptions.ActorDiedError())
+            return fut
+        task = asyncio.get_running_loop().create_task(coro)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self.pending.discard(fut)
+            if fut.done():
+                return
+            if t.cancelled():
+                fut.cancel()
+            elif t.exception() is not None:
+                exc = t.exception()
+                fut.set_exception(exc if isinstance(exc, ray.exceptions.RayError) else
+                                  ray.exceptions.RayTaskError("fake", "", exc))
+            else:
+                fut.set_result(t.result())
+
+        task.add_done_callback(done)
+        self.pending.add(fut)
+        return fut
+
+    def die(self) -> None:
+        """SIGKILL: every pending call fails, nothing it held matters any more."""
+        self.dead = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for fut in list(self.pending):
+            if not fut.done():
+                fut.set_exception(ray.exceptions.ActorDiedError())
+        self.events.put_nowait([])  # wake the stream so it notices
+
+    @property
+    def blocks_owned(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def _take(self, n: int) -> list[int] | None:
+        if n > len(self.free_blocks):
+            return None
+        out, self.free_blocks = self.free_blocks[:n], self.free_blocks[n:]
+        return out
+
+    def _free(self, blocks: list[int]) -> None:
+        self.free_blocks += blocks
+
+    # -- every role ----------------------------------------------------------------------
+    async def _ping(self) -> str:
+        return self.worker_id
+
+    async def _lifeline(self) -> None:
+        await asyncio.get_running_loop().create_future()
+
+    async def _endpoint(self) -> Endpoint:
+        return Endpoint("fake", self.worker_id, SPEC, None)
+
+    async def _stats(self) -> WorkerStats:
+        free = len(self.free_blocks)
+        eng = EngineStats(len(self.running), 0, free, self.num_blocks,
+                          1 - free / self.num_blocks, 0, 0, 0)
+        return WorkerStats(self.worker_id, self.role, eng, 0)
+
+    async def _abort(self, request_id: str) -> bool:
+        self.calls.append(("abort", request_id))
+        self.aborted.add(request_id)
+        here = False
+        if request_id in self.reserved:
+            self._free(self.reserved.pop(request_id))
+            here = True
+        st = self.running.pop(request_id, None)
+        if st is not None:
+            self._free(st["blocks"])
+            here = True
+        return here
+
+    # -- decode --------------------------------------------------------------------------
+    async def _reserve(self, request_id: str, tokens: list[int], params: Any
+                       ) -> list[int] | None:
+        self.calls.append(("reserve", request_id))
+        await self.reserve_gate.wait()
+        if request_id in self.aborted:
+            return None
+        blocks = self._take(-(-len(tokens) // 16))
+        if blocks is not None:
+            self.reserved[request_id] = blocks
+        return blocks
+
+    async def _start(self, request_id: str, first_token: int, handle: TransferHandle,
+                     logprobs: Any = None, num_cached_tokens: int = 0) -> None:
+        self.calls.append(("start", request_id))
+        await self.start_gate.wait()
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is None:
+            raise KVTransferError(f"{request_id}: no reservation on {self.worker_id}")
+        if self.fail_next_start:
+            self.fail_next_start = False
+            self._free(blocks)
+            raise KVTransferError("the KV did not arrive (fake)")
+        seq, max_tokens = handle.payload
+        self.running[request_id] = {"seq": [*seq, first_token], "left": max_tokens - 1,
+                                    "blocks": blocks}
+
+    async def _generate(self, request_id: str, tokens: list[int], params: Any) -> None:
+        self.calls.append(("generate", request_id))
+        if request_id in self.aborted:
+            return
+        blocks = self._take(-(-len(tokens) // 16)) or []
+        self.running[request_id] = {"seq": list(tokens), "left": params.max_tokens,
+                                    "blocks": blocks}
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.001)
+            events = []
+            for rid, st in list(self.running.items()):
+                tok = next_token(st["seq"])
+                st["seq"].append(tok)
+                st["left"] -= 1
+                done = st["left"] <= 0
+                if done:
+                    self._free(self.running.pop(rid)["blocks"])
+                events.append(TokenEvent(rid, [tok], [], "length" if done else None))
+            if events:
+                self.events.put_nowait(events)
+
+    def _stream_gen(self) -> AsyncIterator[asyncio.Future[StepBatch]]:
+        async def gen() -> AsyncIterator[asyncio.Future[StepBatch]]:
+            while not self.dead:
+                events = await self.events.get()
+                if self.dead:
+                    break
+                fut: asyncio.Future[StepBatch] = asyncio.get_running_loop().create_future()
+                fut.set_result(StepBatch(self.worker_id, events, await self._stats()))
+                yield fut
+            raise ray.exceptions.ActorDiedError()
+        return gen()
+
+    @property
+    def stream(self) -> Any:
+        actor = self
+
+        class _S:
+            @staticmethod
+            def remote() -> AsyncIterator[asyncio.Future[StepBatch]]:
+                return actor._stream_gen()
+        return _S()
+
+    # -- prefill -------------------------------------------------------------------------
+    async def _prefill(self, task: PrefillTask) -> PrefillResult:
+        rid = task.request_id
+        self.calls.append(("prefill", rid))
+        if rid in self.aborted:
+            raise PrefillAborted(f"{rid} aborted before its prefill")
+        await self.prefill_gate.wait()
+        if rid in self.aborted:
+            raise PrefillAborted(f"{rid} aborted during its prefill")
+        handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), 0,
+                                payload=(list(task.token_ids), task.params.max_tokens))
+        return PrefillResult(rid, next_token(task.token_ids), None, None, 0, handle,
+                             0.0, 0.0, 0.0)
+
+
+class FakeCluster:
+    """Stands in for runtime.actors.actor_class: records every actor it makes."""
+
+    def __init__(self) -> None:
+        self.actors: list[FakeActor] = []
+
+    def actor_class(self, role: str) -> Any:
+        cluster = self
+
+        class _Cls:
+            @staticmethod
+            def options(**_opts: Any) -> Any:
+                return _Cls
+
+            @staticmethod
+            def remote(config: Any) -> FakeActor:
+                a = FakeActor(config.worker_id, role)
+                cluster.actors.append(a)
+                return a
+        return _Cls
+
+    def live(self, role: str) -> list[FakeActor]:
+        return [a for a in self.actors if a.role == role and not a.dead]
+
+    def owned_blocks(self) -> int:
+        return sum(a.blocks_owned for a in self.actors if not a.dead)

@@ -1,0 +1,306 @@
+"""The router's request lifecycle against in-process fake workers (tests/unit/
+router_fakes.py): cancels at every phase, deaths at every phase, transfer failures,
+stop strings matched at the router, overload and deadlines -- each asserting the
+tokens the client got and that every fake worker got every block back.
+
+Fast and deterministic (no Ray, no model): these are the tests the mutation run of
+the router's lifecycle code leans on. tests/e2e/test_chaos.py does the same with real
+processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import ray
+
+from engine.sampling_params import SamplingParams
+from router.config import RouterConfig
+from router.core import Router
+from router.errors import NoWorkersError, OverloadedError, QueueFullError
+from router.placement import DeadlineExceeded
+from router.request_state import Delta, Final, Phase
+from tests.unit.router_fakes import FakeCluster, next_token
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPT = [11, 22, 33, 44, 55]
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(next_token(seq))
+    return seq[len(prompt):]
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+    c = FakeCluster()
+    monkeypatch.setattr("router.worker_registry.actor_class", c.actor_class)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: actor.die())
+    return c
+
+
+async def start(cluster: FakeCluster, **kw: object) -> Router:
+    kw.setdefault("worker_wait_s", 5.0)
+    router = Router(RouterConfig(**kw))  # type: ignore[arg-type]
+    await router.start()
+    return router
+
+
+async def collect(router: Router, prompt: list[int] = PROMPT,
+                  params: SamplingParams = PARAMS, **kw: object) -> tuple[list[int], Final]:
+    toks: list[int] = []
+    final = None
+    async for item in router.generate(prompt, params, **kw):  # type: ignore[arg-type]
+        if isinstance(item, Delta):
+            toks += item.token_ids
+        else:
+            final = item
+    assert final is not None
+    return toks, final
+
+
+async def until(cond, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    for _ in range(5000):
+        if cond():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never: {what}")
+
+
+async def settle(router: Router, cluster: FakeCluster) -> None:
+    await router.lifecycle.settle()
+    await until(lambda: not router.requests, "no request in flight")
+    await until(lambda: cluster.owned_blocks() == 0, "every block back")
+    for a in cluster.actors:
+        if not a.dead:
+            assert not a.reserved and not a.running, a.worker_id
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_disaggregated_tokens_and_blocks(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        toks, final = await collect(router)
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+@pytest.mark.parametrize("phase", [Phase.RESERVING, Phase.PREFILLING, Phase.STARTING,
+                                   Phase.DECODING])
+def test_cancel_in_every_phase_frees_everything(cluster: FakeCluster, phase: Phase) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        gate = {Phase.RESERVING: decode.reserve_gate, Phase.PREFILLING: prefill.prefill_gate,
+                Phase.STARTING: decode.start_gate}.get(phase)
+        if gate is not None:
+            gate.clear()
+        task = asyncio.ensure_future(collect(router, request_id="r"))
+        await until(lambda: "r" in router.requests and router.requests["r"].phase is phase,
+                    f"phase {phase}")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if gate is not None:
+            gate.set()
+        await settle(router, cluster)
+        assert ("abort", "r@1") in decode.calls
+        if phase is Phase.PREFILLING:
+            assert ("abort", "r@1") in prefill.calls
+        await router.shutdown()
+    run(go())
+
+
+def test_abort_that_overtakes_its_reserve_leaks_nothing(cluster: FakeCluster) -> None:
+    """The cancel reaches the worker before the reserve it cancels: the worker refuses
+    the late reserve (remembered abort), so no block is taken for nobody."""
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        real = decode._reserve
+
+        async def slow_reserve(rid, tokens, params):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.05)  # the abort runs first
+            return await real(rid, tokens, params)
+
+        decode._reserve = slow_reserve  # type: ignore[method-assign]
+        task = asyncio.ensure_future(collect(router, request_id="r"))
+        await until(lambda: ("reserve", "r@1") not in decode.calls and "r" in router.requests
+                    and router.requests["r"].phase is Phase.RESERVING)
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        assert decode.calls.index(("abort", "r@1")) < decode.calls.index(("reserve", "r@1"))
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+@pytest.mark.parametrize("victim,phase", [("decode", Phase.PREFILLING),
+                                          ("decode", Phase.STARTING),
+                                          ("decode", Phase.DECODING),
+                                          ("prefill", Phase.PREFILLING)])
+def test_worker_death_in_every_phase_loses_nothing(cluster: FakeCluster, victim: str,
+                                                    phase: Phase) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        if phase is Phase.PREFILLING:
+            prefill.prefill_gate.clear()
+        if phase is Phase.STARTING:
+            decode.start_gate.clear()
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        task = asyncio.ensure_future(collect(router, params=params, request_id="r"))
+        await until(lambda: "r" in router.requests and router.requests["r"].phase is phase
+                    and (phase is not Phase.DECODING or len(router.requests["r"].generated) > 3))
+        (prefill if victim == "prefill" else decode).die()
+        for a in cluster.actors:
+            a.prefill_gate.set()
+            a.start_gate.set()
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        assert router.requests == {} and len(cluster.live(victim)) == 1  # replaced
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_transfer_failure_is_placed_again(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        cluster.live("decode")[0].fail_next_start = True
+        toks, final = await collect(router)
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_stop_string_at_router_aborts_the_worker(cluster: FakeCluster) -> None:
+    """The router matches the stop string; the worker, still decoding, must be told."""
+    async def go() -> None:
+        router = await start(cluster)
+        assert router.tokenizer is not None
+        want = expected(PROMPT, 200)
+        stop = router.tokenizer.decode(want[5:7])
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True,
+                                stop=(stop,))
+        toks, final = await collect(router, params=params, request_id="s")
+        assert final.finish_reason == "stop" and 0 < len(toks) < 200
+        assert toks == want[:len(toks)]
+        await settle(router, cluster)
+        assert ("abort", "s@1") in cluster.live("decode")[0].calls
+        await router.shutdown()
+    run(go())
+
+
+def test_overload_is_refused_fast_and_kills_nobody(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, max_inflight=3)
+        prefill = cluster.live("prefill")[0]
+        prefill.prefill_gate.clear()
+        tasks = [asyncio.ensure_future(collect(router)) for _ in range(10)]
+        await until(lambda: len(router.requests) == 3)
+        await asyncio.sleep(0.01)
+        prefill.prefill_gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, OverloadedError)]
+        ok = [r for r in results if isinstance(r, tuple)]
+        assert len(ok) == 3 and len(refused) == 7
+        assert all(e.retry_after_s > 0 for e in refused)
+        assert len(cluster.actors) == 2  # nobody replaced
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_no_room_waits_then_fails_at_deadline(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        decode.free_blocks = decode.free_blocks[:0]  # a full pool
+        with pytest.raises(DeadlineExceeded):
+            await collect(router, timeout_s=0.3)
+        decode.free_blocks = list(range(1, decode.num_blocks + 1))
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_queue_bound_refuses_when_requests_already_wait(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, max_queue=1)
+        decode = cluster.live("decode")[0]
+        saved, decode.free_blocks = decode.free_blocks, []
+        waiting = asyncio.ensure_future(collect(router))
+        await until(lambda: router.num_queued == 1)
+        with pytest.raises(QueueFullError):
+            await collect(router)
+        decode.free_blocks = saved
+        await router.placement.room_changed()
+        toks, _ = await waiting
+        assert toks == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_no_worker_and_none_coming_is_unavailable(cluster: FakeCluster,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        monkeypatch.setattr(router.registry, "start_replacement", lambda role: None)
+        cluster.live("decode")[0].die()
+        await until(lambda: not router.registry.live("decode"))
+        with pytest.raises(NoWorkersError):
+            await collect(router)
+        await router.shutdown()
+    run(go())
+
+
+def test_drain_moves_streams_to_the_replacement(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+        tasks = [asyncio.ensure_future(collect(router, params=params)) for _ in range(3)]
+        await until(lambda: sum(len(r.generated) > 2 for r in router.requests.values()) == 3)
+        old = cluster.live("decode")[0]
+        assert await router.drain(old.worker_id) == 3
+        for toks, final in await asyncio.gather(*tasks):
+            assert toks == expected(PROMPT, 300) and final.finish_reason == "length"
+        assert old.dead and len(cluster.live("decode")) == 1
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_shutdown_ends_streams_with_abort(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        params = SamplingParams(temperature=0.0, max_tokens=8000, ignore_eos=True)
+        finals: list[Final] = []
+
+        async def consume() -> None:
+            stream: AsyncIterator[Delta | Final] = router.generate(PROMPT, params)
+            async for item in stream:
+                if isinstance(item, Final):
+                    finals.append(item)
+
+        task = asyncio.ensure_future(consume())
+        await until(lambda: any(len(r.generated) > 3 for r in router.requests.values()))
+        await router.shutdown(grace_s=0.05)
+        await task
+        assert [f.finish_reason for f in finals] == ["abort"]
+        with pytest.raises(NoWorkersError):
+            await collect(router)
+    run(go())
