@@ -128,3 +128,41 @@ def test_seat_limit_counts_running_requests_under_shortest_first() -> None:
     assert [r for r, _, _ in run_step(s)] == ["r2", "r1"]
     assert [r.request_id for r in s.waiting] == ["r0"]
     assert run_step(s) == [("r2", 1, True), ("r1", 1, True)]  # still no seat for r0
+
+
+def test_fcfs_the_youngest_running_request_can_preempt_itself() -> None:
+    # 4 usable blocks: a (6 tokens) and b (8 tokens) hold 2 each after prefill; a's next
+    # token fits its 2nd block, b's needs a 3rd: b is the youngest not in the step.
+    s = make("fcfs", num_blocks=5, budget=64)
+    a, b = req("a", 6, 0), req("b", 8, 100)
+    s.add(a)
+    s.add(b)
+    assert run_step(s) == [("a", 6, True), ("b", 8, True)]
+    out = s.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["a"]
+    assert out.preempted == [b] and s.running == [a]
+
+
+def test_fcfs_admits_with_exactly_the_budget_running_requests_leave() -> None:
+    s = make("fcfs", budget=8)
+    s.add(req("a", 3, 0))
+    run_step(s)  # a decodes from now on: 1 token a step
+    s.add(req("b", 20, 100))
+    assert run_step(s) == [("a", 1, True), ("b", 7, False)]
+    s.add(req("c", 5, 200))
+    assert run_step(s) == [("a", 1, True), ("b", 7, False)]  # no budget left for c
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_fcfs_admits_with_a_single_token_of_budget() -> None:
+    s = make("fcfs", budget=8)
+    s.add(req("a", 7, 0))
+    s.add(req("b", 4, 100))
+    assert run_step(s) == [("a", 7, True), ("b", 1, False)]
+
+
+def test_fcfs_admits_one_token_prompts_and_keeps_going() -> None:
+    s = make("fcfs", budget=8)
+    s.add(req("a", 1, 0))
+    s.add(req("b", 3, 100))
+    assert run_step(s) == [("a", 1, True), ("b", 3, True)]
