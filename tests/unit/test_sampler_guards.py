@@ -110,3 +110,28 @@ def test_asking_for_more_alternatives_than_the_vocab_holds() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     out = Sampler()(logits, rows_of(SamplingParams(temperature=0.0, logprobs=20)))
     assert [t for t, _ in out[0].top_logprobs] == [0, 1, 2]
+
+
+def test_restoring_the_shared_generators_replays_their_draws() -> None:
+    # The engine replays a failed step's sampling from this snapshot.
+    sampler = Sampler(seed=3)
+    logits = clean_logits(4)
+    rows = [SamplingRow(SamplingParams(temperature=1.0), [], [])] * 4
+    sampler(logits, rows)  # the shared CPU generator exists from here on
+    state = sampler.rng_state()
+    first = [t.token_id for t in sampler(logits, rows)]
+    sampler(logits, rows)  # the generator moves on
+    sampler.set_rng_state(state)
+    assert [t.token_id for t in sampler(logits, rows)] == first
+
+
+def test_a_generator_created_after_the_snapshot_restarts_from_the_seed() -> None:
+    fresh = Sampler(seed=3)
+    empty = fresh.rng_state()
+    assert empty == {}
+    logits = clean_logits(4)
+    rows = [SamplingRow(SamplingParams(temperature=1.0), [], [])] * 4
+    first = [t.token_id for t in fresh(logits, rows)]
+    fresh(logits, rows)
+    fresh.set_rng_state(empty)
+    assert [t.token_id for t in fresh(logits, rows)] == first
