@@ -7,6 +7,8 @@ import pytest
 
 from engine.block_pool import NULL_BLOCK, BlockPool, NoFreeBlocksError, hash_block_tokens
 
+HASH_OF_MINUS_ONE = 304722905723479072097853948746032716701  # hash of [-1, 2**40]
+
 
 def test_block_hash_is_pinned() -> None:
     # The router and every worker compute these independently (prefix-affinity routing),
@@ -15,13 +17,16 @@ def test_block_hash_is_pinned() -> None:
     assert root == 130008772778334795783778455270116877856
     assert hash_block_tokens(root, [4, 5, 6]) == 210881119078708530898722437469373047359
     assert hash_block_tokens(None, []) == 117322466856742618682014964965575834438
+    # Signed 64-bit items: any id a tokenizer could produce hashes the same everywhere.
+    assert hash_block_tokens(None, [-1, 2**40]) == HASH_OF_MINUS_ONE
 
 
 def test_smallest_pool_is_the_null_block_and_one_more() -> None:
     pool = BlockPool(2)
     assert pool.num_usable_blocks == 1 and pool.get_new_blocks(1) == [1]
-    with pytest.raises(ValueError, match="null block and at least one more"):
+    with pytest.raises(ValueError) as e:
         BlockPool(1)
+    assert str(e.value) == "a block pool needs the null block and at least one more"
 
 
 def test_usage_counts_held_blocks_only() -> None:
