@@ -52,12 +52,13 @@ class Lifecycle:
 
     async def drive(self, rr: RouterRequest) -> None:
         """The request's owner task: runs until it is done, failed or cancelled."""
+        last: Exception | None = None  # why the latest attempt had to be retried
         try:
             while not rr.done:
                 if rr.placements >= MAX_PLACEMENTS:
                     raise RequestFailedError(
                         f"request {rr.request_id} could not be placed after "
-                        f"{MAX_PLACEMENTS} attempts")
+                        f"{MAX_PLACEMENTS} attempts; the last: {last}")
                 rr.placements += 1
                 aid = rr.attempt_id
                 touched: set[WorkerHandle] = set()
@@ -66,6 +67,7 @@ class Lifecycle:
                     end = await self._attempt(rr, touched)
                 except (WorkerLost, TransferFailed) as e:
                     log.info("request %s: %s; placing it again", rr.request_id, e)
+                    last = e
                     rr.phase = Phase.REPLACING
                     self._abort_on(aid, touched)
                     continue

@@ -5,7 +5,8 @@ this prompt's blocks probably still caches them), queued tokens second. The rout
 keeps, per prefill worker, a bounded LRU of the block hashes it sent there; the hashes
 are the engine's own chained block hashes, so they agree with the workers' caches.
 
-Decode: the live worker with the lowest KV usage (ties: fewer running requests).
+Decode: router/placement.py asks the live decode workers in order of estimated KV
+usage (ties: fewer requests), taking the first that has room.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Which workers exist, which are alive, and replacing the ones that die.
 
-Actors are created with the resources the config asks for: ``num_gpus`` (whole, or a
-fraction so prefill and decode share one GPU) or, on CPU, ``num_cpus`` equal to the
-torch threads of the worker (runtime.config.ray_resources: one place for that rule).
+Creating one actor is router/worker_spawn.py's.
 
 Failure detector: each worker gets one *lifeline* call when it starts, which the worker
 never answers. Ray fails it when the actor's process dies or its node is lost, so a
@@ -24,15 +22,11 @@ import ray
 
 from router.config import RouterConfig
 from router.errors import NoWorkersError
-from router.routing import PrefillLoad
 from router.worker_handle import WorkerHandle
-from runtime.actors import actor_class
-from runtime.config import WorkerConfig, ray_resources
+from router.worker_spawn import create_worker
 
 log = logging.getLogger(__name__)
 REPLACE_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed replacement attempts
-# Calls beyond the admitted requests' own: stream, lifeline, stats, aborts.
-CONTROL_CALLS = 64
 
 
 class WorkerRegistry:
@@ -75,7 +69,8 @@ class WorkerRegistry:
         """Create one worker actor and wait until it has loaded its model."""
         self._starting[role] = self._starting.get(role, 0) + 1
         try:
-            h = await self._create(role)
+            h = await create_worker(self.config, f"{role}-{next(self._ids)}", role,
+                                    self.kv_transfer)
         finally:
             self._starting[role] -= 1
             await self._notify()
@@ -85,32 +80,6 @@ class WorkerRegistry:
         for cb in self.on_started:
             cb(h)
         await self._notify()
-        return h
-
-    async def _create(self, role: str) -> WorkerHandle:
-        wid = f"{role}-{next(self._ids)}"
-        cfg = self.config
-        wcfg = WorkerConfig(worker_id=wid, role=role, engine=cfg.worker_engine(role),
-                            kv_transfer=self.kv_transfer,
-                            transfer_timeout_s=cfg.transfer_timeout_s,
-                            watermark=cfg.decode_watermark)
-        opts: dict[str, Any] = {
-            "name": f"pdserve-{wid}-{id(self):x}", "max_restarts": 0,
-            "max_concurrency": cfg.admission_limit + CONTROL_CALLS,
-            **ray_resources(cfg.gpus_per_worker, cfg.threads_per_worker)}
-        actor = actor_class(role).options(**opts).remote(wcfg)
-        try:
-            await actor.ping.remote()
-            h = WorkerHandle(wid, role, actor)
-            if role == "prefill":
-                h.load = PrefillLoad(wid)
-            else:
-                h.endpoint = await actor.endpoint.remote()
-                h.stats = await actor.stats.remote()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-            raise
         return h
 
     # -- liveness ------------------------------------------------------------------------

@@ -54,7 +54,9 @@ def test_transfer_timeout_through_router_is_a_clear_error() -> None:
                                     transfer_timeout_s=1e-9))
     try:
         prompt = h.prompts(1)[0]
-        with pytest.raises(RequestFailedError, match=r"KV transfer failed.*did not arrive"):
+        # A transfer that fails is retried elsewhere; one that always fails ends the
+        # request once its attempts run out, saying why.
+        with pytest.raises(RequestFailedError, match=r"could not be placed.*did not arrive"):
             h.generate_all([prompt], GREEDY)
         assert_clean(h)
     finally:

@@ -38,7 +38,7 @@ def expected(prompt: list[int], n: int) -> list[int]:
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
     c = FakeCluster()
-    monkeypatch.setattr("router.worker_registry.actor_class", c.actor_class)
+    monkeypatch.setattr("router.worker_spawn.actor_class", c.actor_class)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: actor.die())
     return c
