@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime mutation clean
+.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime bench-guidellm mutation clean
 
 install: $(STAMP)
 
@@ -59,6 +59,15 @@ bench-offline: $(STAMP)
 
 bench-runtime: $(STAMP)
 	$(BIN)/python bench/runtime.py
+
+# The same workload through our load generator (gRPC) and GuideLLM, an independent one
+# (the vLLM project's), over the OpenAI HTTP API: ~9 min on CPU. GuideLLM gets its own
+# environment inside .venv/ (it pins click, datasets and more that ours must not follow).
+GVENV := $(VENV)/guidellm
+bench-guidellm: $(STAMP)
+	test -x $(GVENV)/bin/guidellm || ($(PYTHON) -m venv $(GVENV) && \
+	  $(GVENV)/bin/pip install -q "$(TORCH)" "guidellm==0.8.1")
+	$(BIN)/python -m bench.guidellm_compare --guidellm $(GVENV)/bin/guidellm
 
 # Mutation testing of the engine's core (optional, not in CI; docs/mutation.md has the
 # kill rates). CPU heavy: minutes per module on 2 cores. Each module is mutated in its own

@@ -81,7 +81,10 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> str:
-        cmd = [sys.executable, "-m", "router.cli", "serve", *self.dep.args(),
+        # --http-port 0 first: the OpenAI API stays off (not on 8000, which may be
+        # taken) unless the deployment's own args turn it on; the last flag wins.
+        cmd = [sys.executable, "-m", "router.cli", "serve", "--http-port", "0",
+               *self.dep.args(),
                "--port", str(self.port), "--metrics-port", str(free_port())]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # OMP_NUM_THREADS=1: the router process itself must not spin torch threads
