@@ -165,7 +165,7 @@ def test_start_cluster_script() -> None:
 def test_serve_demo_exit_streams_an_answer() -> None:
     """The README's main command, as a user runs it (its own Ray, workers and ports)."""
     r = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--port", "0",
-                        "--metrics-port", "0", "--demo-exit"],
+                        "--metrics-port", "0", "--http-port", "0", "--demo-exit"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pdserve is serving pdserve.v1.Generation on 127.0.0.1:" in r.stdout
