@@ -1,13 +1,18 @@
 """Summaries of a run: latency percentiles, throughput, SLO attainment and goodput.
 
-Definitions (DistServe's, so numbers compare):
+Definitions (DistServe's for the latencies and attainment, so numbers compare):
 - TTFT: send -> first token. TPOT: a request's mean gap after its first token.
   ITL: every gap between consecutive tokens, pooled over requests. E2E: send -> end.
 - SLO attainment: the fraction of requests (errors count as misses) that meet both
   their TTFT and their TPOT SLO.
-- goodput (of a sweep): the highest request rate whose attainment is >= the target
-  (90%), linearly interpolated between the two sweep points around the crossing.
-  ``goodput_rps`` of a single run is the simpler "requests/s that met the SLO".
+- goodput (of a sweep, ``goodput``): the *first crossing* of the target (90%) going up
+  the sweep, not the highest passing rate. From the lowest rate up, at the first sweep
+  point whose attainment is below the target, the rate where the straight line between
+  it and the point before (which was at or above the target) meets the target; the
+  highest swept rate if no point falls below; 0 if the lowest rate is already below.
+  Points back at or above the target after the first crossing are not credited.
+  ``goodput_rps`` of a single run is the simpler "requests/s that met the SLO" (over
+  the run's wall time).
 """
 
 from __future__ import annotations
@@ -90,9 +95,15 @@ def summarize(records: Sequence[RequestRecord], wall_s: float,
 
 
 def goodput(points: Sequence[tuple[float, float]], target: float = 0.9) -> float:
-    """Highest rate with attainment >= target over (rate, attainment) points sorted by
-    rate, interpolated at the first crossing below the target; 0 if even the lowest
-    rate misses (the sweep does not reach low enough to say more)."""
+    """The first crossing below ``target`` of (rate, attainment) points, in rate order.
+
+    Walking up from the lowest rate: if the lowest rate's attainment is already below
+    the target, 0 (the sweep does not reach low enough to say more); at the first pair
+    (r0, a0 >= target), (r1, a1 < target), the linear interpolation
+    r0 + (r1 - r0) * (a0 - target) / (a0 - a1) (r0 itself when a0 == target); if no
+    point is below the target, the highest rate (0 for no points). Anything after the
+    first crossing is ignored: this is not "the highest rate at or above the target"
+    when attainment dips below it and comes back (e.g. 83%, 91%, 94% gives 0)."""
     pts = sorted(points)
     best = 0.0
     for (r0, a0), (r1, a1) in pairwise(pts):
