@@ -26,6 +26,7 @@ prefix cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -46,7 +47,7 @@ class PrefillWorker(WorkerBase):
         self.sender = make_sender(config.kv_transfer, config.worker_id)
         # request id -> (output, the held block ids) once its prefill step is done
         self._pending: dict[str, asyncio.Future[tuple[RequestOutput, list[int]]]] = {}
-        self._sending: dict[str, bool] = {}  # request id -> aborted during its send
+        self._sending: dict[str, _Send] = {}  # request id -> its KV send under way
         self._aloop: asyncio.AbstractEventLoop | None = None
         super().__init__(config, LLMEngine(config.engine, detokenize=False))
 
@@ -93,12 +94,14 @@ class PrefillWorker(WorkerBase):
         ends = out.finish_reason == "stop" or task.params.max_tokens == 1
         handle: TransferHandle | None = None
         t0 = time.perf_counter()
-        self._sending[rid] = False
+        self._sending[rid] = send = _Send()
         try:
             if not ends:
                 handle = await self._send(task, blocks)
         finally:
-            aborted = self._sending.pop(rid)
+            del self._sending[rid]
+            aborted = send.aborted
+            send.done.set()
             # Not awaited: the release waits for the engine's step boundary, the result
             # need not. Commands run in order, so a later pool_state() sees it done.
             self.loop.call(lambda e: e.release(rid)).add_done_callback(_log_failure)
@@ -127,9 +130,15 @@ class PrefillWorker(WorkerBase):
         """Cancel a prefill; its blocks return to the pool. True if it was here. A
         prefill for it that arrives later is refused (runtime/aborted_ids.py)."""
         self.aborted.add(request_id)
-        if request_id in self._sending:
-            # Its blocks are being read by the send: released when the send returns.
-            self._sending[request_id] = True
+        send = self._sending.get(request_id)
+        if send is not None:
+            # Its blocks are being read -- and, with cuda-ipc, the decode worker's blocks
+            # written -- by the send: answer only once it has returned, so the router
+            # frees the decode side's reservation after the last write into it. Its own
+            # blocks are released when the send returns.
+            send.aborted = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(send.done.wait(), self.config.transfer_timeout_s)
             return True
 
         def do(engine: LLMEngine) -> bool:
@@ -141,6 +150,14 @@ class PrefillWorker(WorkerBase):
             return True
 
         return await self._call(do)
+
+
+class _Send:
+    """A KV send under way: whether it was aborted meanwhile, and when it is over."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.done = asyncio.Event()
 
 
 def _log_failure(fut: Future[None]) -> None:

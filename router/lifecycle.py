@@ -175,13 +175,23 @@ class Lifecycle:
     # -- cleanup -------------------------------------------------------------------------
     def _abort_on(self, request_id: str, workers: set[WorkerHandle]) -> None:
         """Tell every worker that may hold something of the request to drop it. Runs as
-        its own task: a cancelled request must still clean up."""
-        for h in list(workers):
-            if h.alive:
-                t = asyncio.get_running_loop().create_task(h.abort(request_id))
-                self._cleanups.add(t)
-                t.add_done_callback(self._cleanups.discard)
+        its own task: a cancelled request must still clean up.
+
+        Prefill workers first, and the rest only once they answered: a prefill worker
+        answers an abort after its KV send is over, so a decode worker never frees (and
+        hands to someone else) reserved blocks that a send (cuda-ipc writes in place)
+        may still be writing."""
+        first = [h for h in workers if h.role == "prefill"]
+        then = [h for h in workers if h.role != "prefill"]
         workers.clear()
+
+        async def abort_all() -> None:
+            await asyncio.gather(*(h.abort(request_id) for h in first))
+            await asyncio.gather(*(h.abort(request_id) for h in then))
+
+        t = asyncio.get_running_loop().create_task(abort_all())
+        self._cleanups.add(t)
+        t.add_done_callback(self._cleanups.discard)
 
     async def settle(self) -> None:
         """Wait for the aborts in flight (tests audit pools after this; shutdown)."""
