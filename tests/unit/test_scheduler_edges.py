@@ -166,3 +166,14 @@ def test_fcfs_admits_one_token_prompts_and_keeps_going() -> None:
     s.add(req("a", 1, 0))
     s.add(req("b", 3, 100))
     assert run_step(s) == [("a", 1, True), ("b", 3, True)]
+
+
+def test_fcfs_a_budget_smaller_than_the_batch_serves_the_oldest_exactly() -> None:
+    s = make("fcfs", budget=3, seats=4)
+    for i in range(4):
+        s.add(req(f"r{i}", 1, 10 * i))
+    assert run_step(s) == [("r0", 1, True), ("r1", 1, True), ("r2", 1, True)]
+    # Three decoding, three tokens of budget: the last token of budget goes to r2, the
+    # third running request, not to r3 waiting behind it.
+    assert run_step(s) == [("r0", 1, True), ("r1", 1, True), ("r2", 1, True)]
+    assert [r.request_id for r in s.waiting] == ["r3"]
