@@ -7,6 +7,7 @@ the offline LLM API and the workers drive it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.kv_layout import KVLayout
 from engine.logprobs import TokenLogprobs
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -67,7 +68,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source)
         mc = self.model_config
         self.max_model_len = max_model_len(config, mc)
-        num_blocks = default_num_blocks(mc, config.cache, config.scheduler, self.dtype)
+        num_blocks = default_num_blocks(mc, config.cache, config.scheduler, self.dtype,
+                                        self.device)
         self.layout = KVLayout(num_blocks, mc.num_hidden_layers, config.cache.block_size,
                                mc.num_key_value_heads, mc.head_dim, self.dtype)
         self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
@@ -367,9 +369,8 @@ class LLMEngine:
             finish_reason=req.finish_reason,
             num_cached_tokens=req.num_cached_tokens,
             logprobs=req.logprobs,
-            metrics=RequestMetrics(req.times.arrival, req.times.first_scheduled,
-                                   req.times.first_token, req.times.finished,
-                                   req.num_preemptions),
+            times=dataclasses.replace(req.times),
+            num_preemptions=req.num_preemptions,
         )
 
     def _finish_output(self, req: Request, new: list[int], delta: str) -> RequestOutput:

@@ -5,17 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.logprobs import TokenLogprobs
-
-
-@dataclass
-class RequestMetrics:
-    """Lifetime of a request in seconds (time.monotonic based)."""
-
-    arrival: float
-    first_scheduled: float | None
-    first_token: float | None
-    finished: float | None
-    num_preemptions: int
+from engine.request_times import RequestTimes
 
 
 @dataclass
@@ -38,7 +28,8 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    metrics: RequestMetrics | None = None
+    times: RequestTimes | None = None  # a snapshot of the request's lifetime events
+    num_preemptions: int = 0
     error: str | None = None  # set with finish_reason "error": what failed, for logs
 
     @property

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from engine.logprobs import TokenLogprobs
+from engine.request_times import RequestTimes
 from engine.sampling_params import SamplingParams
 
 
@@ -50,17 +50,6 @@ _ALLOWED: dict[RequestStatus, set[RequestStatus]] = {
     RequestStatus.PREEMPTED: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED,
                               RequestStatus.FINISHED_ERROR, RequestStatus.MIGRATED},
 }
-
-
-@dataclass
-class RequestTimes:
-    """Lifetime events (time.monotonic seconds); every latency metric derives from these."""
-
-    arrival: float = field(default_factory=time.monotonic)
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
 
 
 class Request:

@@ -85,7 +85,7 @@ class PrefillWorker(WorkerBase):
             raise PrefillFailed(f"request {rid}: {out.error or 'the engine step failed'}")
         first = out.token_ids[0]
         lp = out.logprobs[0] if out.logprobs else None
-        m = out.metrics
+        m = out.times
         queue_s = (m.first_scheduled - m.arrival) if m and m.first_scheduled else 0.0
         prefill_s = (m.first_token - m.first_scheduled) if m and m.first_token and \
             m.first_scheduled else 0.0
@@ -122,6 +122,9 @@ class PrefillWorker(WorkerBase):
             return self.sender.send(self.engine.kv_cache, blocks, task.dest,
                                     task.dest_block_ids, task.request_id)
 
+        # nccl's communicator set-up (bounded by the timeout) runs here, never on the
+        # engine thread: a decode worker that does not join cannot stall prefill steps.
+        await self.sender.prepare(task.dest, self.engine.device, self.config.transfer_timeout_s)
         if self.sender.send_off_engine_thread:
             return await asyncio.to_thread(send)
         return await self._call(lambda _e: send())
