@@ -185,9 +185,13 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV cache.
 
-    ``num_blocks`` wins when set; otherwise the pool is sized from ``memory_bytes``
-    (default: enough for ``max_num_seqs`` full-length sequences, capped at 2 GiB on any
-    device: a GPU's pool is sized the same way; set ``memory_bytes`` for a bigger one).
+    ``num_blocks`` wins when set, then ``memory_bytes``. Otherwise, on CPU: enough for
+    ``max_num_seqs`` sequences of up to 4096 tokens, capped at 2 GiB. On a GPU: what is
+    left of this process's part of the GPU -- total memory x ``gpu_memory_utilization``
+    x ``gpu_share`` -- once the weights and a forward pass's activations are counted,
+    and never more than is free now (see gpu_pool_bytes).
+    ``gpu_share``: the fraction of the GPU this engine may use; None takes the share Ray
+    granted this actor (``num_gpus`` 0.5: two workers on one GPU), 1.0 outside Ray.
     Block 0 is the reserved null block, so ``num_blocks - 1`` blocks are usable.
     """
 
@@ -195,6 +199,8 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_bytes: int | None = None
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    gpu_share: float | None = None
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -204,6 +210,10 @@ class CacheConfig:
             raise ConfigError(f"CacheConfig.num_blocks must be >= 2, got {self.num_blocks}")
         if self.memory_bytes is not None and self.memory_bytes <= 0:
             raise ConfigError("CacheConfig.memory_bytes must be > 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("CacheConfig.gpu_memory_utilization must be in (0, 1]")
+        if self.gpu_share is not None and not 0 < self.gpu_share <= 1:
+            raise ConfigError("CacheConfig.gpu_share must be in (0, 1]")
 
 
 SCHEDULER_POLICIES = ("fcfs", "shortest_first")
@@ -291,16 +301,93 @@ def cdiv(a: int, b: int) -> int:
 
 
 def default_num_blocks(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype: torch.dtype
+    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> int:
-    """Pool size when CacheConfig.num_blocks is unset (see CacheConfig)."""
+    """Pool size when CacheConfig.num_blocks is unset (see CacheConfig); ``device`` None
+    or a CPU sizes for CPU."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     elem = dtype.itemsize
     per_block = model.num_hidden_layers * 2 * cache.block_size * model.kv_size * elem
     if cache.memory_bytes is not None:
         return max(2, cache.memory_bytes // per_block)
+    if device is not None and device.type == "cuda":
+        return _gpu_num_blocks(model, cache, sched, elem, per_block, device)
     max_len = sched.max_model_len or model.max_position_embeddings
     want = sched.max_num_seqs * cdiv(min(max_len, 4096), cache.block_size) + 1
     cap = max(2, (2 << 30) // per_block)
     return max(2, min(want, cap, math.ceil(want)))
+
+
+# -- GPU pools -------------------------------------------------------------------------------
+# CUDA context, cuBLAS workspaces, Triton's and the caching allocator's slack: room the pool
+# must leave besides the weights and activations it can count.
+GPU_SLACK_BYTES = 1 << 30
+
+
+def activation_bytes(model: ModelConfig, sched: SchedulerConfig, elem: int) -> int:
+    """A generous bound on one forward pass's transient memory: a step's tokens through
+    the widest layer tensors (twice over, for the residual stream and temporaries), and
+    the sampler's fp32 copies of the logits of every sequence."""
+    per_token = 4 * model.hidden_size + model.q_size + 2 * model.kv_size \
+        + 2 * model.intermediate_size
+    logits = 4 * sched.max_num_seqs * model.vocab_size * 4
+    return 2 * sched.max_num_batched_tokens * per_token * elem + logits
+
+
+def gpu_pool_bytes(total: int, free: int, share: float, utilization: float, weights: int,
+                   activations: int) -> int:
+    """Bytes for the KV pool of one engine on a GPU of ``total`` bytes, ``free`` of them
+    free before it loads anything.
+
+    Its part of the GPU is total x utilization x share (prefill and decode at 0.5 each
+    get half of 90% each, whoever starts first); from it go the weights twice (the
+    loaded state dict and the model's fused copy are both alive when the pool is
+    allocated), the activations and GPU_SLACK_BYTES. Never more than is free now, less
+    the (1 - utilization) headroom the device keeps, less the same needs: memory another
+    process already holds is not there to take.
+    """
+    need = 2 * weights + activations + GPU_SLACK_BYTES
+    by_share = total * utilization * share - need
+    by_free = free - total * (1 - utilization) - need
+    return int(min(by_share, by_free))
+
+
+def _ray_gpu_share() -> float | None:
+    """The GPU fraction Ray granted this actor, if this process is one (ray is never
+    imported here: only a process that already runs Ray can be a Ray actor)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except Exception:  # not in a worker, or an older Ray: no share to read
+        return None
+    return min(float(gpus), 1.0) if gpus else None
+
+
+def _gpu_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of ``device`` (a seam for tests)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def _gpu_num_blocks(model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig,
+                    elem: int, per_block: int, device: torch.device) -> int:
+    share = cache.gpu_share if cache.gpu_share is not None else (_ray_gpu_share() or 1.0)
+    free, total = _gpu_memory(device)
+    weights = model.num_params() * elem
+    pool = gpu_pool_bytes(total, free, share, cache.gpu_memory_utilization, weights,
+                          activation_bytes(model, sched, elem))
+    if pool < 2 * per_block:
+        raise ConfigError(
+            f"no room for a KV pool on {device}: {free / 2**30:.1f} of {total / 2**30:.1f} "
+            f"GiB free, this engine's share {share:g} x utilization "
+            f"{cache.gpu_memory_utilization:g}, weights {weights / 2**30:.1f} GiB (counted "
+            "twice while loading); set CacheConfig.memory_bytes or num_blocks")
+    return pool // per_block
