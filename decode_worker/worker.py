@@ -102,6 +102,7 @@ class DecodeWorker(StreamingWorker):
 
     async def abort(self, request_id: str) -> bool:
         self._reserved.pop(request_id, None)
+        self.receiver.cancel(request_id)  # nccl: a posted receive must not leak its buffer
         return await super().abort(request_id)
 
     async def kv_peer(self, message: PeerMessage) -> None:

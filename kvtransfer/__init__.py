@@ -2,7 +2,8 @@
 
 - ``ray``: through the Ray object store (CPU, any node).
 - ``cuda-ipc``: the decode worker's cache is opened by the prefill worker through CUDA
-  IPC and written in place (same node, same or different GPU).
+  IPC and written in place when both share a GPU; pairs on different GPUs fall back to
+  NCCL (pairing.py).
 - ``nccl``: NCCL point-to-point send/recv between GPUs (any node); its handshake goes
   through the receiving worker's KVPeer interface (peer.py).
 
@@ -36,7 +37,7 @@ def make_sender(backend: str, worker_id: str = "prefill") -> KVSender:
     if backend == "cuda-ipc":
         from kvtransfer.cuda_ipc import CudaIpcSender
 
-        return CudaIpcSender()
+        return CudaIpcSender(worker_id)  # its NCCL fallback names itself to the peer
     if backend == "nccl":
         from kvtransfer.nccl import NcclSender
 

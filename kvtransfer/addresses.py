@@ -11,10 +11,14 @@ from typing import Any
 class IpcAddress:
     """cuda-ipc: the decode worker's cache allocation, exported."""
 
-    handle: bytes  # cudaIpcMemHandle_t of the cache allocation
+    handle: bytes  # cudaIpcMemHandle_t of the allocation holding the cache
     device: int  # CUDA device index in the decode worker's process
     device_uuid: str  # to find the same GPU under another CUDA_VISIBLE_DEVICES mapping
     num_blocks: int
+    offset: int = 0  # the cache's first byte, from the allocation's start
+    # The decode worker's actor (a kvtransfer.peer.KVPeer): a prefill worker that cannot
+    # see this GPU sends through NCCL instead (kvtransfer/pairing.py). None: no fallback.
+    peer: Any = None
 
 
 @dataclass(frozen=True)

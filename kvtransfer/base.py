@@ -101,6 +101,12 @@ class KVSender(abc.ABC):
     # Only backends verified to be safe beside a running engine step say True.
     send_off_engine_thread: bool = False
 
+    async def prepare(self, dest: Endpoint, device: torch.device, timeout_s: float) -> None:
+        """Set up what sending to ``dest`` needs (nccl: the pair's communicator), on the
+        actor's event loop before the send, so the engine thread never waits for it.
+        Raises KVTransferError (KVTransferTimeout after ``timeout_s``)."""
+        return None
+
     @abc.abstractmethod
     def send(
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,
@@ -115,8 +121,8 @@ class KVReceiver(abc.ABC):
     backend: str
 
     def allocate(self, layout: KVLayout, device: torch.device) -> torch.Tensor | None:
-        """A cache this backend needs the engine to use instead of its own (cuda-ipc:
-        memory it can export), or None: the engine's cache will do."""
+        """A cache this backend needs the engine to use instead of its own, or None:
+        the engine's cache will do (every backend here; cuda-ipc exports it as is)."""
         return None
 
     @abc.abstractmethod
@@ -127,6 +133,11 @@ class KVReceiver(abc.ABC):
     async def fetch(self, handle: TransferHandle, timeout_s: float) -> torch.Tensor | None:
         """Wait for the data. Returns a (n, *block_shape) staging tensor to scatter into
         the reserved blocks, or None when the sender already wrote them in place."""
+
+    def cancel(self, request_id: str) -> None:
+        """The request was aborted: drop whatever this receiver holds for it (nccl: a
+        posted receive and its buffer, once NCCL no longer writes it)."""
+        return None
 
     async def on_peer_message(self, message: PeerMessage) -> None:
         """A sender's handshake step (see kvtransfer.peer); only nccl has any."""

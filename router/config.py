@@ -81,15 +81,25 @@ class RouterConfig:
                               f"one of {', '.join(KV_BACKENDS)}")
         if self.kv_transfer in ("cuda-ipc", "nccl") and self.gpus_per_worker == 0:
             raise ConfigError(f"kv_transfer {self.kv_transfer} needs GPUs (gpus_per_worker > 0)")
+        if self.kv_transfer == "nccl" and self.gpus_per_worker < 1:
+            # NCCL puts one rank on each GPU; workers of a fraction of a GPU may share one,
+            # and the pair's communicator would then fail at its first transfer.
+            raise ConfigError(
+                f"kv_transfer nccl needs a whole GPU per worker, not gpus_per_worker "
+                f"{self.gpus_per_worker:g} (fractional workers can share a GPU, which NCCL "
+                "cannot span); use cuda-ipc or auto")
 
     def resolved_kv_transfer(self) -> str:
         if self.kv_transfer != "auto":
             return self.kv_transfer
         if self.gpus_per_worker == 0:
             return "ray"
-        # Workers that share a GPU cannot use NCCL (one rank per GPU); cuda-ipc works on
-        # one node whatever the sharing.
-        return "cuda-ipc" if self.gpus_per_worker < 1 else "nccl"
+        if self.gpus_per_worker >= 1:
+            return "nccl"  # every worker has GPUs of its own: never one to share
+        # A fraction: a prefill and a decode worker may share a GPU (CUDA IPC, in place),
+        # or Ray may place them on two; each actor sees only its own GPU, so such a pair
+        # cannot use IPC and cuda-ipc sends it through NCCL (kvtransfer/pairing.py).
+        return "cuda-ipc"
 
     @property
     def serving_role(self) -> str:

@@ -59,3 +59,42 @@ def ray_cpus(num_workers: int, gpus_per_worker: float, threads_per_worker: int) 
     many, or an actor waits forever to be placed)."""
     per = ray_resources(gpus_per_worker, threads_per_worker)["num_cpus"]
     return int(num_workers * per)
+
+
+@dataclass(frozen=True)
+class GpuPairing:
+    """Ray placement-group bundles that put prefill worker i and decode worker i on one
+    GPU, so their KV moves through CUDA IPC in place (kvtransfer/pairing.py) instead of
+    the NCCL fallback that pairs on two GPUs need.
+
+    bundles: one resource dict per bundle, for ``ray.util.placement_group``.
+    bundle_of: (role, index within the role) -> the bundle that worker is scheduled in
+        (``PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=...)``).
+    """
+
+    bundles: tuple[dict[str, float], ...]
+    bundle_of: dict[tuple[str, int], int]
+
+
+def pair_on_gpus(num_prefill: int, num_decode: int, gpus_per_worker: float,
+                 cpus_per_worker: int = 1) -> GpuPairing:
+    """Bundles for P prefill and D decode workers of ``gpus_per_worker`` each: the first
+    min(P, D) prefill/decode pairs share a bundle of 2 x gpus_per_worker (Ray takes a
+    bundle's fractional GPU from a single GPU), every other worker has its own. Pairing
+    needs 2 x gpus_per_worker <= 1; otherwise each worker gets its own bundle."""
+    if num_prefill < 0 or num_decode < 0:
+        raise ConfigError("pair_on_gpus: worker counts must be >= 0")
+    if gpus_per_worker <= 0:
+        raise ConfigError("pair_on_gpus: placement on GPUs needs gpus_per_worker > 0")
+    one = {"GPU": gpus_per_worker, "CPU": float(cpus_per_worker)}
+    pairs = min(num_prefill, num_decode) if 2 * gpus_per_worker <= 1 else 0
+    bundles: list[dict[str, float]] = []
+    bundle_of: dict[tuple[str, int], int] = {}
+    for i in range(pairs):
+        bundle_of[("prefill", i)] = bundle_of[("decode", i)] = len(bundles)
+        bundles.append({k: 2 * v for k, v in one.items()})
+    for role, n in (("prefill", num_prefill), ("decode", num_decode)):
+        for i in range(pairs, n):
+            bundle_of[(role, i)] = len(bundles)
+            bundles.append(dict(one))
+    return GpuPairing(tuple(bundles), bundle_of)
