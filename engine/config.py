@@ -189,7 +189,8 @@ class CacheConfig:
     ``max_num_seqs`` sequences of up to 4096 tokens, capped at 2 GiB. On a GPU: what is
     left of this process's part of the GPU -- total memory x ``gpu_memory_utilization``
     x ``gpu_share`` -- once the weights and a forward pass's activations are counted,
-    and never more than is free now (see gpu_pool_bytes).
+    never more than is free now (see gpu_pool_bytes), and at most four times what
+    ``max_num_seqs`` full-length sequences take.
     ``gpu_share``: the fraction of the GPU this engine may use; None takes the share Ray
     granted this actor (``num_gpus`` 0.5: two workers on one GPU), 1.0 outside Ray.
     Block 0 is the reserved null block, so ``num_blocks - 1`` blocks are usable.
@@ -390,4 +391,8 @@ def _gpu_num_blocks(model: ModelConfig, cache: CacheConfig, sched: SchedulerConf
             f"GiB free, this engine's share {share:g} x utilization "
             f"{cache.gpu_memory_utilization:g}, weights {weights / 2**30:.1f} GiB (counted "
             "twice while loading); set CacheConfig.memory_bytes or num_blocks")
-    return pool // per_block
+    # Every seat at full length four times over (the rest is prefix cache): a small model
+    # would otherwise get millions of blocks, each a Python object in the block pool.
+    max_len = min(sched.max_model_len or model.max_position_embeddings, MAX_POSITIONS_CAP)
+    cap = 4 * sched.max_num_seqs * cdiv(max_len, cache.block_size) + 1
+    return min(pool // per_block, cap)

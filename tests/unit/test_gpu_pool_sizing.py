@@ -85,6 +85,14 @@ def test_an_explicit_share_or_size_wins(monkeypatch: pytest.MonkeyPatch) -> None
     assert default_num_blocks(mc, CacheConfig(num_blocks=7), sched, torch.bfloat16, CUDA) == 7
 
 
+def test_a_small_model_is_capped_at_four_full_batches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu(monkeypatch, H200, H200, ray_share=None)
+    # 8 KiB blocks would give 15 million of them; 64 seats x 64 blocks x 4 it is.
+    assert default_num_blocks(get_preset("tiny-llama3"), CacheConfig(), SchedulerConfig(),
+                              torch.float32, CUDA) == 4 * 64 * 64 + 1
+
+
 def test_no_room_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     gpu(monkeypatch, 20 * GiB, 24 * GiB, ray_share=None)
     with pytest.raises(ConfigError, match=r"no room for a KV pool on cuda: 20\.0 of 24\.0 GiB"):
