@@ -20,6 +20,10 @@ def validate_prompt(
     if bad is not None:
         raise InvalidRequestError("token_ids", f"token id {bad} is outside the vocabulary "
                                   f"[0, {vocab_size})")
+    bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError("stop_token_ids", f"token id {bad} is outside the "
+                                  f"vocabulary [0, {vocab_size})")
     if n + params.max_tokens > max_model_len:
         raise InvalidRequestError(
             "max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
