@@ -54,6 +54,18 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.cli suite --out-dir bench/results
 
+# The GPU verification kit (bench/gpu_suite.py, docs/benchmarks.md "GPU"): six steps, each
+# with its time budget, ~8 min on one GPU; results in bench/results/gpu-<gpu>/. Runs with
+# the GPU machine's own python3 (its torch, triton, cupy) and installs the wheels carried
+# in .whl/ (python bench/gpu_wheels.py builds them) without a registry.
+.PHONY: gpu-check gpu-check-dry
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_suite.py --wheels .whl
+
+# The kit checked on CPU, as CI does (tests/unit/test_gpu_kit.py runs the same).
+gpu-check-dry: $(STAMP)
+	$(BIN)/python bench/gpu_suite.py --dry-run
+
 bench-offline: $(STAMP)
 	$(BIN)/python bench/offline.py
 
