@@ -39,7 +39,7 @@ PLAN: tuple[Step, ...] = (
     Step("b", "kernels", "bench.gpu_kernels_step", 100,
          "tests/kernels compiled on the GPU; decode attention vs copy bandwidth, prefill "
          "vs SDPA"),
-    Step("c", "engine", "bench.gpu_engine_check", 40,
+    Step("c", "engine", "bench.gpu_engine_check", 32,
          "engine vs transformers, same random weights (tiny Llama-3, Qwen2): greedy tokens "
          "in fp32 and bf16"),
     Step("d", "decode", "bench.gpu_decode", 80,
@@ -47,7 +47,7 @@ PLAN: tuple[Step, ...] = (
          "forward eager vs CUDA graph; host syncs; Triton compiles"),
     Step("e", "transfer", "bench.gpu_transfer", 44,
          "cuda-ipc between two Ray actors at 0.5 GPU each, 2-256 MiB, vs a device copy"),
-    Step("f", "serving", "bench.gpu_serving", 160,
+    Step("f", "serving", "bench.gpu_serving", 168,
          "pdserve serve dummy:llama-3-8b, 1P+1D vs 2 colocated at 0.5 GPU: TTFT, TPOT, "
          "goodput"),
 )

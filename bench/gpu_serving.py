@@ -25,7 +25,7 @@ from bench.gpu_plan import NUM, OPT_NUM, OPT_STR
 MODEL = "dummy:llama-3-8b"
 RATES = (4.0, 12.0)
 DURATION_S = 8.0
-DRAIN_S = 8.0
+DRAIN_S = 6.0  # a request still running then is cut (DRAIN_TIMEOUT: an SLO miss)
 # A GPU serves an 8B model in tens of ms per token: the CPU suite's 2 s / 200 ms would
 # pass anything. TTFT allows 0.5 ms per prompt token of prefill for the bursts.
 GPU_SLOS = {"stream": (1.0, 0.1, 0.0), "burst": (1.0, 0.1, 0.0005)}

@@ -71,9 +71,11 @@ def allocation_of(ptr: int, device: int, segments: list[dict[str, Any]]) -> tupl
     for seg in segments:
         base = seg["address"]
         if seg.get("device", device) == device and base <= ptr < base + seg["total_size"]:
+            if seg.get("is_expandable"):  # virtual memory: cudaIpcGetMemHandle refuses it
+                break
             return base, seg["total_size"]
-    raise KVTransferError("cuda-ipc: the KV cache is not in an allocation torch's caching "
-                          "allocator reports; it cannot be exported")
+    raise KVTransferError("cuda-ipc: the KV cache is not in a plain allocation of torch's "
+                          "caching allocator (expandable segments?); it cannot be exported")
 
 
 def _export(cache: torch.Tensor) -> tuple[bytes, int]:

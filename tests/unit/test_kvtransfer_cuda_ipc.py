@@ -69,6 +69,9 @@ def test_the_cache_is_exported_from_the_allocation_that_holds_it() -> None:
     assert allocation_of(4096 + (1 << 21), 1, segments) == (4096, 1 << 30)
     with pytest.raises(KVTransferError, match="cannot be exported"):
         allocation_of(2000, 0, segments)
+    expandable = [{"device": 0, "address": 0, "total_size": 1 << 30, "is_expandable": True}]
+    with pytest.raises(KVTransferError, match="expandable segments"):
+        allocation_of(4096, 0, expandable)
 
 
 def test_a_cuda_ipc_handle_needs_no_fetch_and_an_nccl_one_goes_to_the_fallback() -> None:
