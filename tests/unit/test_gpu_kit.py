@@ -15,7 +15,7 @@ import pytest
 from bench import gpu_plan
 from bench.gpu_kernels_step import count_outcomes
 from bench.gpu_plan import PLAN, Step, check_plan, missing_packages, plan_seconds, validate
-from bench.gpu_suite import _collect, spawn_step, summarize
+from bench.gpu_suite import _collect, _with_earlier, spawn_step, summarize
 from bench.gpu_wheels import EXTRA, WHEELS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +107,11 @@ def test_the_dry_run_passes(tmp_path: Path) -> None:
     assert [s["status"] for s in summary["steps"]] == ["ok"] * len(PLAN)
     for step in PLAN:
         assert json.loads((tmp_path / step.filename).read_text())["toy"] is True
+
+
+def test_a_rerun_of_some_steps_still_summarizes_the_whole_kit(tmp_path: Path) -> None:
+    for step in PLAN[:3]:
+        (tmp_path / step.filename).write_text(json.dumps({"step": step.key, "old": True}))
+    rerun = [(PLAN[1], {"step": "b", "old": False})]
+    merged = _with_earlier(rerun, tmp_path)
+    assert [(s.key, d["old"]) for s, d in merged] == [("a", True), ("b", False), ("c", True)]
