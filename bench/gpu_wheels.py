@@ -24,7 +24,9 @@ FROM_DEVICE_WHEELS = frozenset({
     "ray", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
     "grpcio-health-checking", "grpcio-reflection", "gguf",
 })
-EXTRA = ("starlette", "uvicorn")
+# The versions the project's tests run with here (pure Python; their needs -- anyio,
+# typing-extensions, click, h11 -- are in the image).
+EXTRA = {"starlette": "1.10.0", "uvicorn": "0.54.0"}
 WHEELS = FROM_DEVICE_WHEELS | frozenset(EXTRA)
 LIMIT_BYTES = 64 << 20
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
@@ -47,7 +49,7 @@ def main() -> int:
     else:
         print(f"{DEVICE_WHEELS_SH} not found: Ray, gguf and the gRPC extras are missing")
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *PLATFORM,
-                    "-d", str(dest), *EXTRA], check=True)
+                    "-d", str(dest), *(f"{k}=={v}" for k, v in EXTRA.items())], check=True)
     wheels = sum(p.stat().st_size for p in dest.glob("*.whl"))
     total = wheels + tree_bytes()
     print(f".whl {wheels / 2**20:.1f} MiB + working tree = {total / 2**20:.1f} MiB "
