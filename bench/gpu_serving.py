@@ -176,7 +176,7 @@ class _Server:
     with this process's PYTHONPATH kept (the carried wheels may live on it), stopped
     with its whole session (Ray included) when the step ends or is stopped."""
 
-    def __init__(self, dep: Any, log_dir: Path) -> None:
+    def __init__(self, dep: Any, log_dir: Path, pids: Path) -> None:
         import os
         import subprocess
         import sys
@@ -194,6 +194,10 @@ class _Server:
         with open(log_dir / f"server-{dep.name}.log", "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
+        # Its own session: if this step is killed outright, the suite ends it from here.
+        self.pids = pids
+        with open(pids, "a") as f:
+            f.write(f"{self.proc.pid}\n")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         import contextlib
@@ -209,6 +213,9 @@ class _Server:
             os.killpg(self.proc.pid, signal.SIGKILL)  # whatever it left: Ray, workers
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+        with contextlib.suppress(OSError):  # stopped: nothing left for the suite to end
+            left = [p for p in self.pids.read_text().split() if p != str(self.proc.pid)]
+            self.pids.write_text("".join(f"{p}\n" for p in left))
 
 
 def run(ctx: StepContext) -> None:
@@ -222,7 +229,7 @@ def run(ctx: StepContext) -> None:
         if not ctx.has_time(50):
             break
         t0 = time.monotonic()
-        server = _Server(dep, log_dir)
+        server = _Server(dep, log_dir, ctx.out.with_suffix(".pids"))
         try:
             row = asyncio.run(_deployment(ctx, dep, server.target, t0))
         except Exception as e:  # keep what the other deployment measures

@@ -23,6 +23,7 @@ the same subprocess path as a real run) with its JSON validated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -144,6 +145,19 @@ def spawn_step(step: Step, out: Path, budget_s: float, env: dict[str, str], toy:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             return None, True
+        finally:
+            _reap(out.with_suffix(".pids"))
+
+
+def _reap(pids: Path) -> None:
+    """End the process groups a step started in sessions of their own (step f's servers,
+    with their Ray) if the step could not: they would hold GPU memory into the next step."""
+    if not pids.exists():
+        return
+    for line in pids.read_text().split():
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            os.killpg(int(line), signal.SIGKILL)
+    pids.unlink()
 
 
 def _collect(step: Step, out: Path, budget_s: float, rc: int | None, overran: bool

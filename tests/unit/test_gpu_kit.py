@@ -15,7 +15,7 @@ import pytest
 from bench import gpu_plan
 from bench.gpu_kernels_step import count_outcomes
 from bench.gpu_plan import PLAN, Step, check_plan, missing_packages, plan_seconds, validate
-from bench.gpu_suite import _collect, _with_earlier, spawn_step, summarize
+from bench.gpu_suite import _collect, _reap, _with_earlier, spawn_step, summarize
 from bench.gpu_wheels import EXTRA, WHEELS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +115,11 @@ def test_a_rerun_of_some_steps_still_summarizes_the_whole_kit(tmp_path: Path) ->
     rerun = [(PLAN[1], {"step": "b", "old": False})]
     merged = _with_earlier(rerun, tmp_path)
     assert [(s.key, d["old"]) for s, d in merged] == [("a", True), ("b", False), ("c", True)]
+
+
+def test_process_groups_a_step_left_behind_are_ended(tmp_path: Path) -> None:
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)  # like a server
+    pids = tmp_path / "f-serving.pids"
+    pids.write_text(f"{orphan.pid}\n999999999\n")  # the second is long gone
+    _reap(pids)
+    assert orphan.wait(timeout=10) == -9 and not pids.exists()
