@@ -94,7 +94,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
                      warmup_s=args.warmup, malloc_arena_max=args.malloc_arena_max,
                      out_dir=Path(args.out_dir))
     result = run(cfg, Deployment("soak"))
-    print(json.dumps(result["rss_slope_mb_per_min_after_warmup"], indent=1))
+    print(json.dumps({k: result[k] for k in ("rss_slope_mb_per_min_after_warmup",
+                                             "anon_rss_slope_mb_per_min_after_warmup")},
+                     indent=1))
     return 0
 
 

@@ -7,9 +7,11 @@ process, the workers' KV blocks by owner (GetServerInfo), and the latency percen
 of the requests that ended in that window. The report gives each process's RSS slope
 after the warm-up (MB per minute, least squares) and a plot.
 
-A flat slope after warm-up is what "no leak" looks like from outside; a steady slope
-on one process is a leak or allocator growth, which ``--malloc-arena-max`` and the
-tracemalloc notes in docs/benchmarks.md help tell apart.
+A flat slope after warm-up is what "no leak" looks like from outside. RSS is also
+split into anonymous and shared memory (Ray's object store pages a worker touched count
+in its RSS, bounded by the store). A steady anonymous slope on one process is a leak or
+allocator growth; bench/memory_probe.py tells those two apart (malloc in-use vs held),
+and ``--malloc-arena-max`` tries one allocator setting.
 """
 
 from __future__ import annotations
@@ -75,6 +77,22 @@ def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
             out[name] = p.memory_info().rss / 2**20
         except psutil.Error:
             continue
+    return out
+
+
+def rss_parts_mb(procs: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
+    """RSS split the kernel's way: anonymous memory (the heap, the KV pool, weights) vs
+    shared memory (pages of Ray's object store the process has touched: bounded by the
+    store, not the process's own) vs file-backed pages (libraries)."""
+    out = {}
+    for name, p in procs.items():
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if line.startswith("Rss"))
+        except OSError:
+            continue
+        out[name] = {k.removeprefix("Rss").lower(): int(v.split()[0]) / 1024
+                     for k, v in fields.items()}
     return out
 
 
@@ -152,7 +170,8 @@ async def soak(cfg: SoakConfig, target: str, server_pid: int) -> dict[str, Any]:
                 info = await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
                 w, window[0] = window[0], Window()
                 samples.append({
-                    "t_s": now, "rss_mb": rss_mb(processes(server_pid)),
+                    "t_s": now, "rss_mb": rss_mb(procs := processes(server_pid)),
+                    "rss_parts_mb": rss_parts_mb(procs),
                     "kv_blocks": kv_owners(info), "in_flight": info.num_requests_in_flight,
                     "e2e_p50_s": pct(w.latencies_s, 0.5), "e2e_p99_s": pct(w.latencies_s, 0.99),
                     "ttft_p50_s": pct(w.ttfts_s, 0.5), "ttft_p99_s": pct(w.ttfts_s, 0.99),
@@ -174,8 +193,13 @@ def report(cfg: SoakConfig, samples: list[dict[str, Any]]) -> dict[str, Any]:
     slopes = {n: slope_mb_per_min([(s["t_s"], s["rss_mb"][n]) for s in samples
                                    if s["t_s"] >= cfg.warmup_s and n in s["rss_mb"]])
               for n in names}
+    anon = {n: slope_mb_per_min([(s["t_s"], s["rss_parts_mb"][n]["anon"]) for s in samples
+                                 if s["t_s"] >= cfg.warmup_s
+                                 and n in s.get("rss_parts_mb", {})])
+            for n in names}
     return {"config": {k: str(v) for k, v in cfg.__dict__.items()},
-            "rss_slope_mb_per_min_after_warmup": slopes, "samples": samples}
+            "rss_slope_mb_per_min_after_warmup": slopes,
+            "anon_rss_slope_mb_per_min_after_warmup": anon, "samples": samples}
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
