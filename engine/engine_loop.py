@@ -24,7 +24,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 OutputsCallback = Callable[[list[RequestOutput]], None]
-ErrorCallback = Callable[[BaseException], None]
 
 
 class EngineLoop:
@@ -32,12 +31,10 @@ class EngineLoop:
         self,
         engine: LLMEngine,
         on_outputs: OutputsCallback,
-        on_error: ErrorCallback | None = None,
         name: str = "engine-loop",
     ) -> None:
         self.engine = engine
         self._on_outputs = on_outputs
-        self._on_error = on_error
         self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], object], Future]] = (
             queue.SimpleQueue())
         self._stopped = threading.Event()
@@ -105,5 +102,3 @@ class EngineLoop:
                 outs.append(out)
         if outs:
             self._on_outputs(outs)
-        if self._on_error is not None:
-            self._on_error(err)
