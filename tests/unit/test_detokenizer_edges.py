@@ -11,6 +11,7 @@ import pytest
 from engine.detokenizer import IncrementalDetokenizer
 
 SPECIAL = 1  # decodes to "<s>" unless special tokens are skipped
+ABC = 0x110000  # one token, three characters
 
 
 class CharTokenizer:
@@ -18,8 +19,8 @@ class CharTokenizer:
     first output token renders right only with prompt context before it."""
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        text = "".join(("" if skip_special_tokens else "<s>") if i == SPECIAL else chr(i)
-                       for i in ids)
+        text = "".join(("" if skip_special_tokens else "<s>") if i == SPECIAL
+                       else "abc" if i == ABC else chr(i) for i in ids)
         return text[1:] if text.startswith(" ") else text
 
 
@@ -71,27 +72,28 @@ def test_flushing_twice_adds_nothing() -> None:
     assert d.flush() == "" and d.text == "ax"
 
 
-def test_the_longest_held_prefix_is_found_past_a_shorter_candidate() -> None:
-    # "zxaxa" ends with "xaxa", a prefix of the stop; the first candidate ("xaxaxa")
-    # fails, the next one back must be tried, not the first occurrence.
-    d = detok("p", stop=("xaxaxaxb",))
-    feed(d, "zxaxa")
-    assert d.text == "z"
-    feed(d, "xaxb")
-    assert d.stopped and d.text == "z" and d.flush() == ""
+def test_the_held_prefix_is_found_past_a_failed_candidate() -> None:
+    # After "aab", "aaba" ends with the stop's prefix "aa" (not "aaba", not just "a"):
+    # "aa" is held, so the stop completed later never leaks a character.
+    d = detok("p", stop=("aabab",))
+    feed(d, "aabaa")
+    assert d.text == "aab"
+    feed(d, "bab")
+    assert d.stopped and d.text == "aab" and d.matched_stop == "aabab"
 
 
-def test_a_one_character_prefix_at_the_start_of_the_stop_is_held() -> None:
-    d = detok("p", stop=("a_a!",))
-    feed(d, "za")  # "a_a" fails, then "a" (the stop's first character) must be held
-    assert d.text == "z"
-    feed(d, "_a!")
-    assert d.stopped and d.text == "z"
+def test_the_stops_first_character_is_a_candidate_too() -> None:
+    d = detok("p", stop=("aabb",))
+    feed(d, "aaba")  # "aab" + "a": only the stop's first character can start it again
+    assert d.text == "aab"
+    feed(d, "abb")
+    assert d.stopped and d.text == "aab"
 
 
 def test_stops_starting_at_the_same_place_the_first_listed_wins() -> None:
     d = detok("p", stop=("ab", "abc"))
-    feed(d, "xabc")
+    d.add_token(ord("x"))
+    d.add_token(ABC)  # one token completes both at once
     assert d.text == "x" and d.matched_stop == "ab"
 
 
