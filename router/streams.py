@@ -13,6 +13,7 @@ attempt waiting on it (they race its ``lost``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -40,7 +41,10 @@ class StreamConsumer:
         try:
             async for ref in h.stream():
                 batch: StepBatch = await ref
-                h.stats = batch.stats
+                stats = batch.stats
+                if stats.pool is None and h.stats is not None:  # read once a second
+                    stats = dataclasses.replace(stats, pool=h.stats.pool)
+                h.stats = stats
                 h.fresh_blocks = 0
                 for ev in batch.events:
                     self._on_event(h, ev)
