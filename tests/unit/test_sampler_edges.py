@@ -91,3 +91,9 @@ def test_the_default_seed_is_zero() -> None:
     assert ([t.token_id for t in Sampler()(logits, rows)]
             == [t.token_id for t in Sampler(seed=0)(logits, rows)]
             != [t.token_id for t in Sampler(seed=1)(logits, rows)])
+
+
+def test_top_p_keeps_the_last_token_when_the_mass_before_it_is_short() -> None:
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    _top_p_(probs, [0.95])  # mass before the 0.1 token is 0.9: it is needed
+    assert probs.tolist() == torch.tensor([[0.4, 0.3, 0.2, 0.1]]).tolist()
