@@ -75,7 +75,8 @@ def test_reflection_lists_and_describes_the_service(live: LiveService) -> None:
         found.file_descriptor_response.file_descriptor_proto[0])
     assert fdp.name == "pdserve/v1/generation.proto"
     [service] = fdp.service
-    assert [m.name for m in service.method] == ["Generate", "GetModelInfo", "GetServerInfo"]
+    assert [m.name for m in service.method] == ["Generate", "GetModelInfo", "GetServerInfo",
+                                                "DrainWorker"]
 
 
 def test_a_client_without_the_proto_can_generate(live: LiveService) -> None:
@@ -199,12 +200,15 @@ def test_health_follows_worker_liveness(live: LiveService) -> None:
     ray.kill(decode.actor, no_restart=True)
     _wait_for(lambda: status() == NOT_SERVING, 20, "NOT_SERVING after the decode worker died")
     assert status(SERVICE) == NOT_SERVING
+    # A request while the replacement starts waits for it (never UNAVAILABLE while one
+    # is coming): it is served, or its deadline passes first.
     try:
-        live.generate(pb.GenerateRequest(prompt="hi"), timeout=30)
+        responses = live.generate(pb.GenerateRequest(
+            prompt="hi", sampling=pb.SamplingParams(max_tokens=2)), timeout=30)
     except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
-    else:  # only if the replacement was already up
-        assert status() == SERVING
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.details()
+    else:
+        assert responses[-1].usage.completion_tokens == 2
     assert f"{up} 0.0" in _scrape(live)  # the dead worker reads 0, not a vanished series
 
     _wait_for(lambda: status() == SERVING, 180, "SERVING once a new decode worker is up")
