@@ -1,0 +1,94 @@
+"""SIGTERM as an orchestrator sends it: `pdserve serve` in its own process, a stream
+running, the signal. Health must turn NOT_SERVING at once, a new call must be refused
+with UNAVAILABLE, and the running stream -- cut off when the grace period ends -- must
+get a last message with FINISH_REASON_ABORT before its call ends OK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.pdserve.v1 import generation_pb2 as pb
+from proto.pdserve.v1 import generation_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_refuses_new_calls_and_ends_streams_with_abort() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve", "--port", str(port),
+         "--metrics-port", "0", "--http-port", "0", "--shutdown-grace-s", "3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.GenerationStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for _ in range(600):  # the workers load: minutes on a busy 2-core machine
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == serving:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the server never became SERVING")
+
+        long = pb.GenerateRequest(prompt="Tell me a very long story.", sampling=pb.SamplingParams(
+            temperature=0.0, max_tokens=4000, ignore_eos=True))
+        messages: list[pb.GenerateResponse] = []
+        errors: list[grpc.RpcError] = []
+        first = threading.Event()
+
+        def consume() -> None:
+            try:
+                for r in stub.Generate(long, timeout=300):
+                    messages.append(r)
+                    first.set()
+            except grpc.RpcError as e:
+                errors.append(e)
+                first.set()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert first.wait(300) and not errors, errors
+        os.kill(proc.pid, signal.SIGTERM)
+        for _ in range(100):  # NOT_SERVING at once (well before the 3 s grace ends)
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            except grpc.RpcError:
+                status = None
+            if status != serving:
+                break
+            time.sleep(0.02)
+        assert status != serving
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=30))
+        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE,)  # type: ignore[attr-defined]
+        t.join(120)
+        assert not errors, errors
+        assert messages[-1].finish_reason == pb.FINISH_REASON_ABORT
+        assert 0 < messages[-1].usage.completion_tokens < 4000
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
