@@ -95,13 +95,9 @@ def probe(seconds: float, sample_s: float, seed: int) -> list[dict[str, Any]]:
 
 
 def slope_per_min(samples: list[dict[str, Any]], key: str, after_s: float) -> float | None:
-    pts = [(s["t_s"], s[key]) for s in samples if s["t_s"] >= after_s]
-    if len(pts) < 3:
-        return None
-    mt = sum(t for t, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    var = sum((t - mt) ** 2 for t, _ in pts)
-    return 60 * sum((t - mt) * (y - my) for t, y in pts) / var
+    from bench.soak import slope_mb_per_min  # least squares, per minute (any unit)
+
+    return slope_mb_per_min([(s["t_s"], s[key]) for s in samples if s["t_s"] >= after_s])
 
 
 def main() -> int:

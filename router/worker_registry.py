@@ -35,7 +35,6 @@ class WorkerRegistry:
         self.kv_transfer = config.resolved_kv_transfer()
         self.workers: dict[str, WorkerHandle] = {}
         self.on_started: list[Callable[[WorkerHandle], None]] = []
-        self.on_lost: list[Callable[[WorkerHandle], None]] = []
         self._ids = itertools.count()
         self._starting: dict[str, int] = {}  # spawns under way, by role
         self._replacing: dict[str, int] = {}  # replacements under way (retries included)
@@ -101,8 +100,6 @@ class WorkerRegistry:
         if self._closing:
             return
         log.warning("worker %s lost (%s); starting a replacement", h.worker_id, why)
-        for cb in self.on_lost:
-            cb(h)
         self.start_replacement(h.role)
         self._spawn_task(self._notify())
 
