@@ -180,6 +180,8 @@ def server_info(router: Router, version: str, uptime_s: float) -> pb.ServerInfo:
 def worker_info(h: WorkerHandle) -> pb.WorkerInfo:
     info = pb.WorkerInfo(worker_id=h.worker_id, role=ROLES.get(h.role), alive=h.alive,
                          draining=h.draining)
+    if h.node is not None:
+        info.node_id, info.node_address = h.node.node_id, h.node.node_address
     s: WorkerStats | None = h.stats
     if s is not None:
         info.num_requests_running = s.num_running
