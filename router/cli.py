@@ -153,12 +153,18 @@ def init_ray(rc: RouterConfig) -> None:
     from runtime.config import ray_cpus
 
     n = sum(rc.num_workers(role) for role in rc.roles)
+    # A one-node Ray offers the custom resources the workers ask for (--*-resources),
+    # so the same flags work locally as on a labelled cluster.
+    custom: dict[str, float] = {}
+    for role in rc.roles:
+        for name, qty in rc.worker_resources(role).items():
+            custom[name] = custom.get(name, 0.0) + qty * rc.num_workers(role)
     # address="local": a new instance even if `ray start` left a cluster on this machine
     # (ray.init() would join that one).
     ray.init(address="local",
              num_cpus=max(os.cpu_count() or 1,
                           ray_cpus(n, rc.gpus_per_worker, rc.threads_per_worker)),
-             include_dashboard=False, log_to_driver=True)
+             resources=custom or None, include_dashboard=False, log_to_driver=True)
 
 
 def _describe(rc: RouterConfig) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
+from router.node_resources import check_resources
 from runtime.config import KV_BACKENDS
 
 
@@ -37,6 +38,10 @@ class RouterConfig:
         engine's max_num_batched_tokens). A step cannot be interrupted, so a prompt
         that arrives mid-step waits for it: smaller steps start short prompts sooner,
         at some prefill throughput.
+    prefill_resources / decode_resources / colocated_resources: custom Ray resources
+        each worker of the role asks for (name -> quantity, as the nodes declare them
+        with `ray start --resources`), so Ray places that role only on such nodes
+        (router/node_resources.py).
     """
 
     mode: str = "disaggregated"
@@ -58,8 +63,15 @@ class RouterConfig:
     ray_address: str | None = None
     prefill_policy: str = "shortest_first"
     prefill_step_tokens: int | None = None
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    colocated_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for role in ("prefill", "decode", "colocated"):
+            name = f"{role}_resources"
+            object.__setattr__(self, name,
+                               check_resources(f"RouterConfig.{name}", getattr(self, name)))
         if self.mode not in ("disaggregated", "colocated"):
             raise ConfigError(f"RouterConfig.mode {self.mode!r} is not disaggregated/colocated")
         for name in ("prefill_workers", "decode_workers", "workers", "threads_per_worker",
@@ -114,6 +126,11 @@ class RouterConfig:
     def num_workers(self, role: str) -> int:
         return {"prefill": self.prefill_workers, "decode": self.decode_workers,
                 "colocated": self.workers}[role]
+
+    def worker_resources(self, role: str) -> dict[str, float]:
+        """The custom Ray resources each worker of ``role`` asks for."""
+        return {"prefill": self.prefill_resources, "decode": self.decode_resources,
+                "colocated": self.colocated_resources}[role]
 
     @property
     def admission_limit(self) -> int:

@@ -10,6 +10,7 @@ Where each series comes from:
     worker gauges and counters            WorkerHandle.stats at scrape time: decode and
                                           colocated workers refresh it with every token
                                           batch; StatsPoller polls prefill workers
+    workers_lost_total, role_unplaceable  the worker registry (node loss, capacity)
 
 Names follow Prometheus conventions: the ``pdserve_`` prefix, seconds and bytes as
 units, ``_total`` on counters. Prefix-cache counters count KV blocks.
@@ -224,6 +225,21 @@ class WorkerCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "num_requests_queued",
                                 "Requests waiting at the router for KV room on a decode "
                                 "worker.", value=self.router.num_queued)
+        lost = CounterMetricFamily(PREFIX + "workers_lost",
+                                   "Workers lost, by role and reason: node_lost (their Ray "
+                                   "node died) or actor_died. Each is replaced.",
+                                   labels=["role", "reason"])
+        registry = self.router.registry
+        for (role, reason), n in sorted(registry.lost.items()):
+            lost.add_metric([role, reason], n)
+        yield lost
+        unplaceable = GaugeMetricFamily(PREFIX + "role_unplaceable",
+                                        "1 while no alive Ray node can host a worker the "
+                                        "role needs (its calls get UNAVAILABLE).",
+                                        labels=["role"])
+        for role in self.router.config.roles:
+            unplaceable.add_metric([role], 1.0 if role in registry.unplaceable else 0.0)
+        yield unplaceable
         yield CounterMetricFamily(PREFIX + "requests_refused",
                                   "Calls refused at admission because the deployment was at "
                                   "its in-flight bound (RESOURCE_EXHAUSTED).",

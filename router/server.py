@@ -3,7 +3,8 @@ reflection, auth, limits.
 
 Health (grpc.health.v1) is SERVING while every role the mode needs has a live worker,
 for the whole server ("") and for pdserve.v1.Generation; it flips to NOT_SERVING while,
-say, a dead decode worker is being replaced, and at once when shutdown begins.
+say, a dead decode worker is being replaced (or no alive Ray node can host its
+replacement: the log says which role and why), and at once when shutdown begins.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ class HealthReporter:
         return (not self.router.admission.closing
                 and all(self.router.registry.live(r) for r in self.router.config.roles))
 
+    def reason(self) -> str:
+        """Why the service is not serving, for the log."""
+        if self.router.admission.closing:
+            return "shutting down"
+        registry = self.router.registry
+        missing = [r for r in self.router.config.roles if not registry.live(r)]
+        why = [registry.unplaceable.get(r, f"no live {r} worker; one is starting")
+               for r in missing]
+        return "; ".join(why) or "serving"
+
     async def update(self) -> bool:
         ok = self.serving()
         if ok != self.status:
@@ -49,8 +60,7 @@ class HealthReporter:
             if ok:
                 log.info("health: SERVING")
             elif self.status is not None:
-                log.warning("health: NOT_SERVING (shutting down, or a needed role has no "
-                            "live worker)")
+                log.warning("health: NOT_SERVING (%s)", self.reason())
             self.status = ok
         return ok
 

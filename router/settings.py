@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
 from router.config import RouterConfig
+from router.node_resources import parse_resources
 from router.server_config import API_KEY_ENV, ServerConfig
 from runtime.config import KV_BACKENDS
 
@@ -55,6 +56,11 @@ ROUTER_FLAGS: dict[str, str] = {
     "max_prompt_bytes": "largest prompt accepted, in bytes of text (INVALID_ARGUMENT beyond)",
     "ray_address": "join an existing Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of "
                    "starting Ray in this process",
+    "prefill_resources": "custom Ray resources each prefill worker asks for, as a JSON "
+                         "object ('{\"prefill_node\": 1}'): places prefill workers on "
+                         "nodes started with `ray start --resources` offering them",
+    "decode_resources": "the same for decode workers",
+    "colocated_resources": "the same for colocated workers",
 }
 SERVER_FLAGS: dict[str, str] = {
     "host": "address to listen on (gRPC, HTTP and metrics)",
@@ -94,6 +100,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
             metavar = {int: "N", float: "F"}.get(kind, name.split("_")[-1].upper())
             if name.startswith("tls_"):
                 metavar = "PEM"
+            if name.endswith("_resources"):
+                metavar = "JSON"
             p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=kind,
                            choices=CHOICES.get(name),
                            metavar=None if name in CHOICES else metavar,
@@ -124,6 +132,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for name in ROUTER_FLAGS:
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
+            if name.endswith("_resources"):  # JSON text on the command line
+                data[name] = parse_resources("--" + name.replace("_", "-"), data[name])
     for name in SERVER_FLAGS:
         if getattr(args, name) is not None:
             server_data[name] = getattr(args, name)

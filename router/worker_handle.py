@@ -23,6 +23,7 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 from messages import Endpoint, PrefillResult, PrefillTask, WorkerStats
 from router.errors import TransferFailed, WorkerLost
 from router.routing import PrefillLoad
+from runtime.actors import NodeInfo
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ class WorkerHandle:
     role: str  # prefill | decode | colocated
     actor: Any  # ray ActorHandle of runtime.actors' class for the role
     endpoint: Endpoint | None = None  # decode: where prefill workers send KV
+    node: NodeInfo | None = None  # the Ray node it runs on (known once it has started)
     stats: WorkerStats | None = None
     alive: bool = True
     draining: bool = False  # out of rotation (pdserve drain): takes no new requests

@@ -7,6 +7,15 @@ never answers. Ray fails it when the actor's process dies or its node is lost, s
 death is seen within Ray's own detection time and a busy worker -- however deep its
 queue -- is never mistaken for a dead one. A death marks the handle lost (every request
 waiting on it is placed again, see router/lifecycle.py) and starts a replacement.
+
+Node loss: a node's death fails the lifelines of every worker on it; each is counted
+(``lost``, by role and reason: ``node_lost`` if its Ray node is gone, else
+``actor_died``) and replaced. A replacement asks for the same resources (custom ones
+included), so Ray puts it on another node that offers them -- or keeps it pending until
+one joins. While a spawn is pending the registry checks every CAPACITY_POLL_S whether
+any alive node could host it at all (router/node_resources.py); if none can, the role
+is *unplaceable*: requests needing it fail at once with NoWorkersError (UNAVAILABLE)
+and the reason, rather than wait for a worker that cannot start, until a node joins.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +32,13 @@ import ray
 
 from router.config import RouterConfig
 from router.errors import NoWorkersError
+from router.node_resources import demand, unplaceable_reason
 from router.worker_handle import WorkerHandle
-from router.worker_spawn import create_worker
+from router.worker_spawn import create_worker, worker_options
 
 log = logging.getLogger(__name__)
 REPLACE_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed replacement attempts
+CAPACITY_POLL_S = 0.5  # while a spawn is pending: can any alive node host it?
 
 
 class WorkerRegistry:
@@ -38,6 +50,9 @@ class WorkerRegistry:
         self._ids = itertools.count()
         self._starting: dict[str, int] = {}  # spawns under way, by role
         self._replacing: dict[str, int] = {}  # replacements under way (retries included)
+        # role -> why no alive node can host its pending spawn (cleared once one can)
+        self.unplaceable: dict[str, str] = {}
+        self.lost: Counter[tuple[str, str]] = Counter()  # (role, reason) -> workers lost
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -67,11 +82,15 @@ class WorkerRegistry:
     async def spawn(self, role: str) -> WorkerHandle:
         """Create one worker actor and wait until it has loaded its model."""
         self._starting[role] = self._starting.get(role, 0) + 1
+        capacity = asyncio.get_running_loop().create_task(self._watch_capacity(role))
         try:
             h = await create_worker(self.config, f"{role}-{next(self._ids)}", role,
                                     self.kv_transfer)
         finally:
+            capacity.cancel()
             self._starting[role] -= 1
+            if not self._starting[role]:
+                self.unplaceable.pop(role, None)
             await self._notify()
         self.workers[h.worker_id] = h
         h.on_lost = lambda: self.lose(h, "a call found it dead")
@@ -99,9 +118,45 @@ class WorkerRegistry:
         self._kill(h)  # it may be half alive (unreachable node): make sure
         if self._closing:
             return
-        log.warning("worker %s lost (%s); starting a replacement", h.worker_id, why)
+        node = f" on node {h.node.node_id[:12]} ({h.node.node_address})" if h.node else ""
+        log.warning("worker %s%s lost (%s); starting a replacement", h.worker_id, node, why)
         self.start_replacement(h.role)
+        self._spawn_task(self._count_loss(h))
         self._spawn_task(self._notify())
+
+    async def _count_loss(self, h: WorkerHandle) -> None:
+        """Count the loss as ``node_lost`` when the worker's Ray node is gone (Ray fails
+        the node's actors after marking it dead), else ``actor_died``."""
+        reason = "actor_died"
+        if h.node is not None:
+            with contextlib.suppress(Exception):  # the GCS unreachable: keep the default
+                nodes = await asyncio.to_thread(ray.nodes)
+                alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+                if h.node.node_id not in alive:
+                    reason = "node_lost"
+        self.lost[(h.role, reason)] += 1
+
+    async def _watch_capacity(self, role: str) -> None:
+        """While a spawn of ``role`` is pending: keep ``unplaceable[role]`` saying why no
+        alive node can host it (or absent if one can), and wake the waiters on change."""
+        need = demand(worker_options(self.config, role))
+        while True:
+            await asyncio.sleep(CAPACITY_POLL_S)
+            try:
+                nodes = await asyncio.to_thread(ray.nodes)
+            except Exception:  # the GCS unreachable for a moment: judge next time
+                log.debug("ray.nodes() failed", exc_info=True)
+                continue
+            reason = unplaceable_reason(role, need, nodes)
+            if reason == self.unplaceable.get(role):
+                continue
+            if reason is None:
+                self.unplaceable.pop(role, None)
+                log.info("a node can host a %s worker again", role)
+            else:
+                self.unplaceable[role] = reason
+                log.warning("%s", reason)
+            await self._notify()
 
     def start_replacement(self, role: str) -> None:
         """Start a worker of ``role`` in the background. It counts as starting from now
@@ -152,6 +207,9 @@ class WorkerRegistry:
                 live = self.live(role)
                 if live:
                     return live
+                if role in self.unplaceable:  # waiting could not help: say why now
+                    raise NoWorkersError(f"no {role} worker is alive: "
+                                         f"{self.unplaceable[role]}")
                 left = until - loop.time()
                 if self._closing or not self.starting(role) or left <= 0:
                     raise NoWorkersError(f"no {role} worker is alive")

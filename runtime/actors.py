@@ -8,13 +8,13 @@ the model code.
     actor = actor_class("decode").options(**ray_resources(...)).remote(worker_config)
     blocks = await actor.reserve.remote(request_id, prompt_token_ids, params)
 
-Calls every role answers (_Actor): ping, lifeline, stats, pool_state, shutdown.
+Calls every role answers (_Actor): ping, lifeline, node, stats, pool_state, shutdown.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.sampling_params import SamplingParams
 from messages import (
@@ -36,8 +36,22 @@ if TYPE_CHECKING:
     from runtime.worker_base import WorkerBase
 
 
+class NodeInfo(NamedTuple):
+    """The Ray node a worker runs on."""
+
+    node_id: str  # Ray's node id (hex), as `ray status` and ray.nodes() show it
+    node_address: str  # the node's IP address
+
+
 class _Actor:
     _worker: WorkerBase
+
+    def node(self) -> NodeInfo:
+        """Where this worker runs (GetServerInfo, and telling a node's loss apart)."""
+        import ray
+
+        return NodeInfo(ray.get_runtime_context().get_node_id(),
+                        ray.util.get_node_ip_address())
 
     def ping(self) -> str:
         """The worker id, once the worker has loaded its model."""

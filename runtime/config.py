@@ -6,6 +6,7 @@ Torch-free: the router builds these and sends them to the actors it creates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.config import ConfigError, EngineConfig
 
@@ -45,13 +46,17 @@ class WorkerConfig:
             raise ConfigError("WorkerConfig.watermark must be in [0, 1)")
 
 
-def ray_resources(gpus_per_worker: float, threads_per_worker: int) -> dict[str, float]:
+def ray_resources(gpus_per_worker: float, threads_per_worker: int,
+                  custom: dict[str, float] | None = None) -> dict[str, Any]:
     """Ray resources of one worker actor: its GPU share and one CPU to drive it, or on
     CPU as many Ray CPUs as it runs torch threads (so Ray does not oversubscribe cores
-    with more workers than fit)."""
-    if gpus_per_worker > 0:
-        return {"num_gpus": gpus_per_worker, "num_cpus": 1}
-    return {"num_cpus": threads_per_worker}
+    with more workers than fit); plus the operator's ``custom`` resources (placement on
+    labelled nodes, see router/node_resources.py)."""
+    opts: dict[str, Any] = ({"num_gpus": gpus_per_worker, "num_cpus": 1} if gpus_per_worker > 0
+                            else {"num_cpus": threads_per_worker})
+    if custom:
+        opts["resources"] = dict(custom)
+    return opts
 
 
 def ray_cpus(num_workers: int, gpus_per_worker: float, threads_per_worker: int) -> int:

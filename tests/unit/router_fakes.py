@@ -33,6 +33,7 @@ from messages import (
     WorkerStats,
 )
 from messages.transfer import KVTransferError
+from runtime.actors import NodeInfo
 
 SPEC = KVSpec((1, 2, 16, 1, 8), "float32", 4)
 
@@ -138,6 +139,9 @@ class FakeActor:
     # -- every role ----------------------------------------------------------------------
     async def _ping(self) -> str:
         return self.worker_id
+
+    async def _node(self) -> NodeInfo:
+        return NodeInfo(f"fake-node-of-{self.worker_id}", "127.0.0.1")
 
     async def _lifeline(self) -> None:
         await asyncio.get_running_loop().create_future()
