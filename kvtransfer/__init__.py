@@ -1,11 +1,14 @@
-"""Moving KV blocks between workers: one interface (base.py), three backends.
+"""Moving KV blocks between workers: one interface (base.py), four backends.
 
 - ``ray``: through the Ray object store (CPU, any node).
 - ``cuda-ipc``: the decode worker's cache is opened by the prefill worker through CUDA
   IPC and written in place when both share a GPU; pairs on different GPUs fall back to
   NCCL (pairing.py).
 - ``nccl``: NCCL point-to-point send/recv between GPUs (any node); its handshake goes
-  through the receiving worker's KVPeer interface (peer.py).
+  through the receiving worker's KVPeer interface (peer.py). cupy; cuda-ipc's fallback.
+- ``collective``: torch.distributed point-to-point send/recv over one 2-rank process
+  group per (prefill, decode) pair -- gloo for CPU caches (CI runs it, across Ray
+  actors and nodes), NCCL for CUDA caches: one code path (collective.py).
 
 Importing this package does not import torch; a backend's module loads with the
 first make_sender / make_receiver for it.
@@ -42,6 +45,10 @@ def make_sender(backend: str, worker_id: str = "prefill") -> KVSender:
         from kvtransfer.nccl import NcclSender
 
         return NcclSender(worker_id)
+    if backend == "collective":
+        from kvtransfer.collective import CollectiveSender
+
+        return CollectiveSender(worker_id)
     raise ValueError(f"unknown KV transfer backend {backend!r}")
 
 
@@ -58,6 +65,10 @@ def make_receiver(backend: str) -> KVReceiver:
         from kvtransfer.nccl import NcclReceiver
 
         return NcclReceiver()
+    if backend == "collective":
+        from kvtransfer.collective import CollectiveReceiver
+
+        return CollectiveReceiver()
     raise ValueError(f"unknown KV transfer backend {backend!r}")
 
 

@@ -26,3 +26,13 @@ class NcclAddress:
     """nccl: the decode worker's actor, a kvtransfer.peer.KVPeer."""
 
     peer: Any
+
+
+@dataclass(frozen=True)
+class CollectiveAddress:
+    """collective: the decode worker's actor (a kvtransfer.peer.KVPeer) and the TCP store
+    its pair groups meet at (on the node address Ray reports for it)."""
+
+    peer: Any
+    host: str
+    port: int

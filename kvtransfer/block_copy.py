@@ -48,6 +48,15 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
                     CHUNK=_CHUNK)
 
 
+def gather_request(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """A request's blocks, gathered into one contiguous (n, *block_shape) buffer: what
+    the staging backends (collective) send in one operation. One place, so a change to
+    what a block carries reaches every backend that stages."""
+    from kernels import gather_blocks
+
+    return gather_blocks(cache, torch.tensor(block_ids, dtype=torch.long, device=cache.device))
+
+
 def _interpreted() -> bool:
     """CPU tensors go through the Triton kernel only under the interpreter (tests)."""
     import os
