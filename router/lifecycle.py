@@ -194,6 +194,13 @@ class Lifecycle:
         t.add_done_callback(self._cleanups.discard)
 
     async def settle(self) -> None:
-        """Wait for the aborts in flight (tests audit pools after this; shutdown)."""
-        while self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        """Wait for the aborts in flight (tests audit pools after this; shutdown)--
+        including those of requests just ended (Router.abort) whose task has yet to run
+        its cleanup: shutdown kills the workers right after, and would otherwise do so
+        before the prefill worker was told (its KV send may still be running)."""
+        while True:
+            ending = [rr.task for rr in self.attempts.values()
+                      if rr.done and rr.task is not None]
+            if not self._cleanups and not ending:
+                return
+            await asyncio.gather(*self._cleanups, *ending, return_exceptions=True)

@@ -7,6 +7,11 @@ in flight, a token stream, aborts (remembered, like runtime/aborted_ids.py), and
 every block back. Tokens are a function of the whole sequence, as greedy decoding is,
 so a request placed again must continue with exactly the same tokens.
 
+Every call is also written, in the order the actors receive them, to the cluster's
+``journal`` (worker id, method, request id): the order *across* actors, which the
+per-actor ``calls`` cannot show (say, that a prefill worker was told to abort before the
+decode worker it sends KV to).
+
 Each call's "remote()" returns an asyncio future, which the router awaits as it would a
 Ray ObjectRef; a dead actor fails its pending and later calls with ActorDiedError.
 """
@@ -20,7 +25,10 @@ from typing import Any
 
 import ray
 
+from engine.config import ModelConfig
 from engine.stats import EngineStats
+from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.weights import load_model_config, resolve_model
 from messages import (
     Endpoint,
     KVSpec,
@@ -33,9 +41,35 @@ from messages import (
     WorkerStats,
 )
 from messages.transfer import KVTransferError
+from router.config import RouterConfig
 from runtime.actors import NodeInfo
 
 SPEC = KVSpec((1, 2, 16, 1, 8), "float32", 4)
+
+# The router reads the model's config and tokenizer from its GGUF at every start (~2 s
+# on the 2-core machine): once per process is enough for tests, which never change them.
+# Loaded at import, so processes forked after collection (mutation runs) share them.
+_CONFIGS: dict[str, ModelConfig] = {}
+_TOKENIZERS: dict[str, Tokenizer | None] = {}
+
+
+def cached_model_config(src: Any) -> ModelConfig:
+    key = repr(src)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = load_model_config(src)
+    return _CONFIGS[key]
+
+
+def cached_tokenizer(src: Any) -> Tokenizer | None:
+    key = repr(src)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(src)
+    return _TOKENIZERS[key]
+
+
+_DEFAULT_MODEL = resolve_model(RouterConfig().engine.model)
+cached_model_config(_DEFAULT_MODEL)
+cached_tokenizer(_DEFAULT_MODEL)
 
 
 def next_token(seq: list[int]) -> int:
@@ -65,11 +99,16 @@ class FakeActor:
     running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
     aborted: set[str] = field(default_factory=set)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (method, request id)
+    # Shared by every actor of a FakeCluster: (worker id, method, request id).
+    journal: list[tuple[str, str, str]] = field(default_factory=list)
     # Gates a test may hold shut, to catch a request in that call.
     reserve_gate: asyncio.Event = field(default_factory=asyncio.Event)
     prefill_gate: asyncio.Event = field(default_factory=asyncio.Event)
     start_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    abort_gate: asyncio.Event = field(default_factory=asyncio.Event)  # held: abort pends
     fail_next_start: bool = False
+    # Raised by the next prefill (inside the worker, as a failed step or a drain would).
+    fail_next_prefill: Exception | None = None
     events: asyncio.Queue[list[TokenEvent]] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
@@ -77,6 +116,7 @@ class FakeActor:
         self.reserve_gate.set()
         self.prefill_gate.set()
         self.start_gate.set()
+        self.abort_gate.set()
         self._ticker: asyncio.Task[None] | None = None
         if self.role in ("decode", "colocated"):
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -136,6 +176,10 @@ class FakeActor:
     def _free(self, blocks: list[int]) -> None:
         self.free_blocks += blocks
 
+    def _record(self, method: str, request_id: str) -> None:
+        self.calls.append((method, request_id))
+        self.journal.append((self.worker_id, method, request_id))
+
     # -- every role ----------------------------------------------------------------------
     async def _ping(self) -> str:
         return self.worker_id
@@ -156,8 +200,9 @@ class FakeActor:
         return WorkerStats(self.worker_id, self.role, eng, 0)
 
     async def _abort(self, request_id: str) -> bool:
-        self.calls.append(("abort", request_id))
+        self._record("abort", request_id)
         self.aborted.add(request_id)
+        await self.abort_gate.wait()
         here = False
         if request_id in self.reserved:
             self._free(self.reserved.pop(request_id))
@@ -171,7 +216,7 @@ class FakeActor:
     # -- decode --------------------------------------------------------------------------
     async def _reserve(self, request_id: str, tokens: list[int], params: Any
                        ) -> list[int] | None:
-        self.calls.append(("reserve", request_id))
+        self._record("reserve", request_id)
         await self.reserve_gate.wait()
         if request_id in self.aborted:
             return None
@@ -182,7 +227,7 @@ class FakeActor:
 
     async def _start(self, request_id: str, first_token: int, handle: TransferHandle,
                      logprobs: Any = None, num_cached_tokens: int = 0) -> None:
-        self.calls.append(("start", request_id))
+        self._record("start", request_id)
         await self.start_gate.wait()
         blocks = self.reserved.pop(request_id, None)
         if blocks is None:
@@ -196,7 +241,7 @@ class FakeActor:
                                     "blocks": blocks}
 
     async def _generate(self, request_id: str, tokens: list[int], params: Any) -> None:
-        self.calls.append(("generate", request_id))
+        self._record("generate", request_id)
         if request_id in self.aborted:
             return
         blocks = self._take(-(-len(tokens) // 16)) or []
@@ -243,12 +288,15 @@ class FakeActor:
     # -- prefill -------------------------------------------------------------------------
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         rid = task.request_id
-        self.calls.append(("prefill", rid))
+        self._record("prefill", rid)
         if rid in self.aborted:
             raise PrefillAborted(f"{rid} aborted before its prefill")
         await self.prefill_gate.wait()
         if rid in self.aborted:
             raise PrefillAborted(f"{rid} aborted during its prefill")
+        if self.fail_next_prefill is not None:
+            exc, self.fail_next_prefill = self.fail_next_prefill, None
+            raise exc
         handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), 0,
                                 payload=(list(task.token_ids), task.params.max_tokens))
         return PrefillResult(rid, next_token(task.token_ids), None, None, 0, handle,
@@ -260,6 +308,7 @@ class FakeCluster:
 
     def __init__(self) -> None:
         self.actors: list[FakeActor] = []
+        self.journal: list[tuple[str, str, str]] = []  # every actor's calls, in order
 
     def actor_class(self, role: str) -> Any:
         cluster = self
@@ -271,7 +320,7 @@ class FakeCluster:
 
             @staticmethod
             def remote(config: Any) -> FakeActor:
-                a = FakeActor(config.worker_id, role)
+                a = FakeActor(config.worker_id, role, journal=cluster.journal)
                 cluster.actors.append(a)
                 return a
         return _Cls

@@ -22,7 +22,12 @@ from router.core import Router
 from router.errors import NoWorkersError, OverloadedError, QueueFullError
 from router.placement import DeadlineExceeded
 from router.request_state import Delta, Final, Phase
-from tests.unit.router_fakes import FakeCluster, next_token
+from tests.unit.router_fakes import (
+    FakeCluster,
+    cached_model_config,
+    cached_tokenizer,
+    next_token,
+)
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPT = [11, 22, 33, 44, 55]
@@ -41,6 +46,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
     monkeypatch.setattr("router.worker_spawn.actor_class", c.actor_class)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: actor.die())
+    monkeypatch.setattr("router.core.load_model_config", cached_model_config)
+    monkeypatch.setattr("router.core.load_tokenizer", cached_tokenizer)
     return c
 
 
