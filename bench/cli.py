@@ -10,6 +10,9 @@
         off), runs every workload, writes serving-cpu.json (+ -records.json) and the PNGs
     pdserve bench plot [--out-dir bench/results]
         redraws the PNGs from the JSON and prints the tables (markdown)
+    pdserve bench transfer [--sizes 1 8 64] [--runs 5] [--out FILE.json]
+        one request's KV between two workers: the object store within a Ray node and
+        across two (simulated) nodes, and gloo (the collective backend), against memcpy
     pdserve bench soak [--duration 1800] [--rate 2] [--malloc-arena-max N]
         a long mixed workload against a server it starts, sampling every process's RSS,
         KV blocks by owner and latency every 15 s; writes soak.json and soak-rss.png
@@ -82,8 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak.add_argument("--out-dir", default="bench/results")
     soak.set_defaults(func=cmd_soak)
 
+    xfer = sub.add_parser("transfer", help="KV transfer paths against memcpy (CPU, 2 Ray nodes)")
+    xfer.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64], help="MiB of KV")
+    xfer.add_argument("--runs", type=int, default=5)
+    xfer.add_argument("--out", default="bench/results/transfer-cpu.json")
+    xfer.set_defaults(func=cmd_transfer)
+
     args = p.parse_args(argv)
     return int(args.func(args))
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from bench.transfer import TransferConfig, run, table
+
+    print(table(run(TransferConfig(sizes_mib=tuple(args.sizes), runs=args.runs,
+                                   out=Path(args.out)))))
+    return 0
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
