@@ -109,6 +109,9 @@ class FakeActor:
     fail_next_start: bool = False
     # Raised by the next prefill (inside the worker, as a failed step or a drain would).
     fail_next_prefill: Exception | None = None
+    fail_next_generate: Exception | None = None
+    # What a prefill reports: cached prompt tokens, queue/prefill/transfer seconds, bytes.
+    prefill_report: tuple[int, float, float, float, int] = (0, 0.0, 0.0, 0.0, 0)
     events: asyncio.Queue[list[TokenEvent]] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
@@ -244,9 +247,22 @@ class FakeActor:
         self._record("generate", request_id)
         if request_id in self.aborted:
             return
+        if self.fail_next_generate is not None:
+            exc, self.fail_next_generate = self.fail_next_generate, None
+            raise exc
         blocks = self._take(-(-len(tokens) // 16)) or []
         self.running[request_id] = {"seq": list(tokens), "left": params.max_tokens,
-                                    "blocks": blocks}
+                                    "blocks": blocks, "cached": self.prefill_report[0]}
+
+    def preempt(self, request_id: str) -> None:
+        """Preempt a running request (its pool ran short): blocks freed, "migrated"."""
+        self._free(self.running.pop(request_id)["blocks"])
+        self.events.put_nowait([TokenEvent(request_id, [], [], "migrated")])
+
+    def fail(self, request_id: str, error: str) -> None:
+        """The request's step failed on this worker (engine step isolation)."""
+        self._free(self.running.pop(request_id)["blocks"])
+        self.events.put_nowait([TokenEvent(request_id, [], [], "error", error=error)])
 
     async def _tick(self) -> None:
         while True:
@@ -259,7 +275,8 @@ class FakeActor:
                 done = st["left"] <= 0
                 if done:
                     self._free(self.running.pop(rid)["blocks"])
-                events.append(TokenEvent(rid, [tok], [], "length" if done else None))
+                events.append(TokenEvent(rid, [tok], [], "length" if done else None,
+                                         st.get("cached", 0)))
             if events:
                 self.events.put_nowait(events)
 
@@ -297,10 +314,15 @@ class FakeActor:
         if self.fail_next_prefill is not None:
             exc, self.fail_next_prefill = self.fail_next_prefill, None
             raise exc
-        handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), 0,
+        cached, queue_s, prefill_s, transfer_s, nbytes = self.prefill_report
+        first = next_token(task.token_ids)
+        if task.params.max_tokens <= 1:  # the first token ends it: no KV to ship
+            return PrefillResult(rid, first, None, "length", cached, None,
+                                 queue_s, prefill_s, transfer_s)
+        handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), nbytes,
                                 payload=(list(task.token_ids), task.params.max_tokens))
-        return PrefillResult(rid, next_token(task.token_ids), None, None, 0, handle,
-                             0.0, 0.0, 0.0)
+        return PrefillResult(rid, first, None, None, cached, handle,
+                             queue_s, prefill_s, transfer_s)
 
 
 class FakeCluster:

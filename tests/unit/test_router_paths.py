@@ -1,0 +1,388 @@
+"""The router's lifecycle paths the mutation run of router/lifecycle.py, placement.py and
+streams.py found untested (docs/mutation.md): colocated attempts, migrations, a first
+token that ends the request, what a prefill reports summed over attempts, the attempt
+bound, failures reported in the token stream, stale events, the bookkeeping of queued
+prefill tokens and fresh reservations, and placement across two decode workers.
+
+Same in-process fake workers as tests/unit/test_router_lifecycle.py: no Ray, no model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+from messages import PoolState, TokenEvent
+from messages.transfer import KVTransferError
+from router import placement as placement_mod
+from router.core import Router
+from router.errors import RequestFailedError
+from router.lifecycle import MAX_PLACEMENTS
+from router.request_state import Events, Phase, RouterRequest
+from router.routing import block_hashes
+from tests.unit.router_fakes import FakeCluster
+from tests.unit.test_router_lifecycle import (
+    PARAMS,
+    PROMPT,
+    collect,
+    expected,
+    run,
+    settle,
+    start,
+    until,
+)
+from tests.unit.test_router_lifecycle import cluster as cluster  # the fixture
+
+__all__ = ["cluster"]
+
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+
+def record_events(router: Router) -> dict[str, Events]:
+    """Each finished request's events, as the metrics hook sees them."""
+    seen: dict[str, Events] = {}
+
+    def hook(rr: RouterRequest, _reason: str) -> None:
+        seen[rr.request_id] = rr.events
+    router.on_finish.append(hook)
+    return seen
+
+
+def handle(router: Router, worker_id: str):  # type: ignore[no-untyped-def]
+    return router.registry.workers[worker_id]
+
+
+# -- colocated -----------------------------------------------------------------------------
+def test_colocated_tokens_cached_count_and_no_needless_abort(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        w = cluster.live("colocated")[0]
+        w.prefill_report = (3, 0.0, 0.0, 0.0, 0)  # prompt tokens its prefix cache served
+        toks, final = await collect(router, request_id="c")
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        assert final.usage.cached_tokens == 3
+        await settle(router, cluster)
+        assert ("abort", "c@1") not in w.calls  # it finished there: nothing to drop
+        assert not handle(router, w.worker_id).requests
+        await router.shutdown()
+    run(go())
+
+
+def test_colocated_cancel_aborts_the_worker(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        w = cluster.live("colocated")[0]
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="c"))
+        await until(lambda: "c" in router.requests
+                    and len(router.requests["c"].generated) > 2, "decoding")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await settle(router, cluster)
+        assert ("abort", "c@1") in w.calls
+        await router.shutdown()
+    run(go())
+
+
+def test_colocated_generate_failure_fails_the_request(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        w = cluster.live("colocated")[0]
+        w.fail_next_generate = RuntimeError("no room for it")
+        with pytest.raises(RequestFailedError, match="generate failed: RuntimeError: no room"):
+            await collect(router, request_id="g")
+        await settle(router, cluster)
+        assert ("abort", "g@1") in w.calls
+        assert len(cluster.actors) == 1  # the worker is fine: nobody replaced
+        await router.shutdown()
+    run(go())
+
+
+def test_colocated_migration_continues_token_identical(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        events = record_events(router)
+        w = cluster.live("colocated")[0]
+        w.prefill_report = (2, 0.0, 0.0, 0.0, 0)
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="m"))
+        await until(lambda: "m" in router.requests
+                    and len(router.requests["m"].generated) > 3, "decoding")
+        w.prefill_report = (50, 0.0, 0.0, 0.0, 0)  # the re-prefill's hit is not the client's
+        w.preempt("m@1")
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        assert final.usage.cached_tokens == 2
+        assert events["m"].migrations == 1
+        assert ("generate", "m@2") in w.calls
+        await settle(router, cluster)
+        assert ("abort", "m@1") not in w.calls  # the worker freed it when it preempted
+        await router.shutdown()
+    run(go())
+
+
+def test_colocated_worker_death_places_it_again(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="d"))
+        await until(lambda: "d" in router.requests
+                    and len(router.requests["d"].generated) > 3, "decoding")
+        cluster.live("colocated")[0].die()
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        assert len(cluster.live("colocated")) == 1
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+# -- disaggregated ---------------------------------------------------------------------------
+def test_first_token_that_ends_the_request_frees_the_reservation(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        toks, final = await collect(router, params=one, request_id="o")
+        assert toks == expected(PROMPT, 1) and final.finish_reason == "length"
+        await settle(router, cluster)
+        assert ("abort", "o@1") in decode.calls and ("start", "o@1") not in decode.calls
+        await router.shutdown()
+    run(go())
+
+
+def test_migration_continues_token_identical_and_counts(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        events = record_events(router)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        prefill.prefill_report = (4, 0.0, 0.0, 0.0, 0)
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="m"))
+        await until(lambda: "m" in router.requests
+                    and router.requests["m"].phase is Phase.DECODING
+                    and len(router.requests["m"].generated) > 3, "decoding")
+        prefill.prefill_report = (40, 0.0, 0.0, 0.0, 0)
+        decode.preempt("m@1")
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        assert final.usage.cached_tokens == 4  # the client's prompt hit, not the re-prefill's
+        assert events["m"].migrations == 1
+        assert ("prefill", "m@2") in prefill.calls
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_prefill_reports_add_up_over_attempts(cluster: FakeCluster) -> None:
+    """A transfer failure makes a second attempt: queue, prefill and transfer time and
+    bytes are the sums of both prefills; the cached count is the first's."""
+    async def go() -> None:
+        router = await start(cluster)
+        events = record_events(router)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        prefill.prefill_report = (4, 0.5, 0.25, 0.125, 1000)
+        decode.fail_next_start = True
+        toks, final = await collect(router, request_id="p")
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        ev = events["p"]
+        assert (ev.queue_seconds, ev.prefill_seconds, ev.transfer_seconds,
+                ev.transfer_bytes) == (1.0, 0.5, 0.25, 2000)
+        assert ev.prefill_sent is not None and ev.import_seconds > 0
+        assert final.usage.cached_tokens == 4
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_attempts_are_bounded_and_the_last_reason_told(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+
+        async def never(request_id, *_args, **_kw):  # type: ignore[no-untyped-def]
+            decode._record("start", request_id)
+            decode._free(decode.reserved.pop(request_id))
+            raise KVTransferError("the KV never arrives")
+        decode._start = never  # type: ignore[method-assign]
+        with pytest.raises(RequestFailedError,
+                           match=f"after {MAX_PLACEMENTS} attempts.*never arrives"):
+            await collect(router, request_id="b")
+        assert sum(m == "prefill" for m, _ in prefill.calls) == MAX_PLACEMENTS
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_error_in_the_stream_fails_the_request(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="e"))
+        await until(lambda: "e" in router.requests
+                    and len(router.requests["e"].generated) > 2, "decoding")
+        decode.fail("e@1", "its logits were NaN")
+        with pytest.raises(RequestFailedError, match="its logits were NaN"):
+            await task
+        await settle(router, cluster)
+        assert len(cluster.actors) == 2  # the worker goes on
+        await router.shutdown()
+    run(go())
+
+
+def test_prefill_bookkeeping_while_in_flight_and_after(cluster: FakeCluster) -> None:
+    """Queued prefill tokens and the request's membership on both workers while the
+    prefill runs, all zero after; a fresh reservation counts its blocks (rounded up)
+    until the decode worker's next step report."""
+    async def go() -> None:
+        router = await start(cluster)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        p, d = handle(router, prefill.worker_id), handle(router, decode.worker_id)
+        prompt = list(range(100, 117))  # 17 tokens: 2 blocks of 16
+        prefill.prefill_gate.clear()
+        task = asyncio.ensure_future(collect(router, prompt=prompt, request_id="k"))
+        await until(lambda: ("prefill", "k@1") in prefill.calls, "prefilling")
+        assert p.load.outstanding_tokens == 17 and p.requests == {"k"}
+        assert d.fresh_blocks == 2
+        prefill.prefill_gate.set()
+        await until(lambda: "k" in router.requests
+                    and router.requests["k"].phase is Phase.DECODING, "decoding")
+        assert p.load.outstanding_tokens == 0 and not p.requests
+        assert d.requests == {"k"}
+        toks, _ = await task
+        assert toks == expected(prompt, 12)
+        await until(lambda: not d.requests, "the attempt over")
+        assert d.fresh_blocks == 0
+        # remembered for prefix affinity: its one full block
+        assert p.load.matched_blocks(block_hashes(prompt, router.block_size)) == 1
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_prefill_failure_leaves_no_queued_tokens(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill = cluster.live("prefill")[0]
+        prefill.fail_next_prefill = RuntimeError("the step failed")
+        with pytest.raises(RequestFailedError, match="prefill failed: RuntimeError"):
+            await collect(router, request_id="f")
+        p = handle(router, prefill.worker_id)
+        assert p.load.outstanding_tokens == 0 and not p.requests
+        await settle(router, cluster)
+        assert ("abort", "f@1") in prefill.calls  # its send may have started
+        await router.shutdown()
+    run(go())
+
+
+# -- streams ---------------------------------------------------------------------------------
+def test_stale_events_from_another_worker_are_dropped(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=2)
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="s"))
+        await until(lambda: "s" in router.requests
+                    and len(router.requests["s"].generated) > 2, "decoding")
+        other = next(a for a in cluster.live("colocated")
+                     if a.worker_id != router.requests["s"].worker)
+        other.events.put_nowait([TokenEvent("s@1", [7], [], "stop")])
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_step_reports_keep_the_last_pool_state(cluster: FakeCluster) -> None:
+    """Step batches carry no pool state (it is read once a second): the last one read
+    stays, and the fresh-reservation count restarts at each report."""
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        d = handle(router, decode.worker_id)
+        await until(lambda: d.stats is not None, "stats")
+        pool = PoolState(**{f.name: 1 for f in dataclasses.fields(PoolState)})
+        d.stats = dataclasses.replace(d.stats, pool=pool)
+        toks, _ = await collect(router)
+        assert toks == expected(PROMPT, 12)
+        assert d.stats.pool == pool
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_finished_stream_wakes_a_request_waiting_for_room(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freed blocks reported in a step batch wake the waiters (no polling needed)."""
+    monkeypatch.setattr(placement_mod, "ROOM_POLL_S", 1000.0)
+
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        decode.free_blocks = decode.free_blocks[:1]  # room for one request
+        first = asyncio.ensure_future(collect(router, request_id="a"))
+        await until(lambda: "a" in router.requests
+                    and router.requests["a"].phase is Phase.DECODING, "a decoding")
+        second = asyncio.ensure_future(collect(router, request_id="b"))
+        await until(lambda: router.num_queued == 1, "b waits for room")
+        for toks, _ in await asyncio.gather(first, second):
+            assert toks == expected(PROMPT, 12)
+        assert router.placement.waiting == 0
+        decode.free_blocks = list(range(1, decode.num_blocks + 1))
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+# -- placement -------------------------------------------------------------------------------
+def test_concurrent_requests_spread_over_decode_workers(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster, decode_workers=2)
+        prefill = cluster.live("prefill")[0]
+        prefill.prefill_gate.clear()
+        tasks = [asyncio.ensure_future(collect(router, request_id=r)) for r in "xy"]
+        await until(lambda: sum(m == "prefill" for m, _ in prefill.calls) == 2, "both")
+        assert sorted(len(a.reserved) for a in cluster.live("decode")) == [1, 1]
+        prefill.prefill_gate.set()
+        for toks, _ in await asyncio.gather(*tasks):
+            assert toks == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_full_or_dead_decode_worker_is_skipped(cluster: FakeCluster) -> None:
+    """The first choice has no room, or its actor is already gone: the next one takes
+    it, and only the worker that holds the reservation hears of a later cancel."""
+    async def go() -> None:
+        router = await start(cluster, decode_workers=3)
+        first, second, third = cluster.live("decode")
+        saved, first.free_blocks = first.free_blocks, []
+        second.dead = True  # calls fail as from a dead actor; its lifeline has not told
+        cluster.live("prefill")[0].prefill_gate.clear()
+        task = asyncio.ensure_future(collect(router, request_id="z"))
+        await until(lambda: "z@1" in third.reserved, "reserved on the third")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        cluster.live("prefill")[0].prefill_gate.set()
+        await until(lambda: ("abort", "z@1") in third.calls, "the third told")
+        await router.lifecycle.settle()
+        assert ("abort", "z@1") not in first.calls
+        first.free_blocks = saved
+        assert not first.reserved and not third.reserved and third.blocks_owned == 0
+        await router.shutdown()
+    run(go())
+
+
+def test_deadline_passes_while_waiting_for_room(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        saved, decode.free_blocks = decode.free_blocks, []
+        with pytest.raises(placement_mod.DeadlineExceeded, match="until its deadline"):
+            await collect(router, timeout_s=0.05)
+        assert router.placement.waiting == 0
+        decode.free_blocks = saved
+        toks, _ = await collect(router, params=PARAMS)  # the queue is free again
+        assert toks == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
