@@ -3,8 +3,10 @@
 Disaggregated lifecycle of one request on this worker::
 
     reserve(prompt)   -> block ids for the prompt's KV (or None: no room above watermark)
-    start(handle)     -> fetch the KV (kvtransfer), scatter it into the reserved blocks,
-                         join the running batch with the first token from the prefill
+    start(handle)     -> fetch the KV (kvtransfer) on the event loop, scatter it into the
+                         reserved blocks between engine steps in bounded slices
+                         (decode_worker/staged_import.py), join the running batch with
+                         the first token from the prefill
     stream()          <- one long-lived generator: a StepBatch per engine step, carrying
                          every request's new tokens, ends, migrations and worker stats
     abort(id)         -> drop it wherever it is; its blocks return to the pool
@@ -20,8 +22,12 @@ backend needs a handshake (nccl) reaches the receiver through ``kv_peer``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import torch
+
+from decode_worker.staged_import import StagedImport, StagedImports
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -44,7 +50,9 @@ class DecodeWorker(StreamingWorker):
             engine.kv_cache = cache
         self._endpoint = self.receiver.endpoint(engine.kv_cache, config.worker_id, self.spec)
         self._reserved: dict[str, list[int]] = {}  # request id -> blocks awaiting its KV
+        self.imports = StagedImports()  # fetched KV waiting to be scattered
         super().__init__(config, engine)
+        self.loop.between_steps = self.imports
 
     def endpoint(self) -> Endpoint:
         return self._endpoint
@@ -90,14 +98,22 @@ class DecodeWorker(StreamingWorker):
             raise
 
         def join(engine: LLMEngine) -> RequestOutput | None:
-            if not engine.has_request(request_id):  # aborted while the KV was in flight
-                return None
-            if staging is not None:
-                engine.import_kv(blocks, staging)
             return engine.start_prefilled(request_id, first_token, logprobs, num_cached_tokens)
 
-        done = await self._call(join)
-        if done is not None:
+        # The scatter runs between engine steps in slices (decode_worker/staged_import.py),
+        # so the running streams never wait for a whole prompt's KV to land.
+        imp = StagedImport(request_id, blocks, staging if staging is not None
+                           else torch.empty(0), join)
+        if staging is None:  # the sender wrote the blocks in place: only the join is left
+            imp.block_ids = []
+        try:
+            await self._call(lambda _e: self.imports.add(imp))  # wakes an idle engine loop
+            done = await asyncio.wrap_future(imp.done)
+        except BaseException:
+            await self._call(lambda e: e.abort(request_id) if e.has_request(request_id)
+                             else None)
+            raise
+        if isinstance(done, RequestOutput):
             self.tokens.emit([token_event(done)])
 
     async def abort(self, request_id: str) -> bool:

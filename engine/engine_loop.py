@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -24,6 +24,13 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 OutputsCallback = Callable[[list[RequestOutput]], None]
+
+
+class BetweenSteps(Protocol):
+    def pending(self) -> bool: ...
+
+    def run(self, engine: LLMEngine) -> None:
+        """One bounded piece of work on the loop thread, between two steps."""
 
 
 class EngineLoop:
@@ -41,6 +48,9 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.steps = 0
         self.busy_seconds = 0.0  # time inside engine.step(): the rest is idle or overhead
+        # Work done in bounded pieces between steps (a decode worker's staged KV
+        # imports): run once before each step while it has any.
+        self.between_steps: BetweenSteps | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -74,7 +84,11 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._run_commands(block=not self.engine.has_unfinished())
+            bg = self.between_steps
+            pending = bg is not None and bg.pending()
+            self._run_commands(block=not (pending or self.engine.has_unfinished()))
+            if bg is not None and bg.pending():
+                bg.run(self.engine)
             if self._stopped.is_set() or not self.engine.has_unfinished():
                 continue
             t0 = time.perf_counter()
