@@ -10,7 +10,6 @@ is imported only inside the methods that return torch objects.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -181,19 +180,31 @@ class ModelConfig:
         )
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+SPILL_DTYPES = ("auto", "int8", "same")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache.
 
-    ``num_blocks`` wins when set, then ``memory_bytes``. Otherwise, on CPU: enough for
-    ``max_num_seqs`` sequences of up to 4096 tokens, capped at 2 GiB. On a GPU: what is
+    ``num_blocks`` wins when set, then ``memory_bytes``. Otherwise, on CPU: a budget of
+    host memory (engine.pool_sizing): CPU_KV_FRACTION of this engine's ``host_share``
+    of the memory available at startup, less its weights. On a GPU: what is
     left of this process's part of the GPU -- total memory x ``gpu_memory_utilization``
     x ``gpu_share`` -- once the weights and a forward pass's activations are counted,
     never more than is free now (see gpu_pool_bytes), and at most four times what
     ``max_num_seqs`` full-length sequences take.
     ``gpu_share``: the fraction of the GPU this engine may use; None takes the share Ray
     granted this actor (``num_gpus`` 0.5: two workers on one GPU), 1.0 outside Ray.
+    ``host_share``: the same on CPU, the fraction of the host's available memory this
+    engine may plan on; None is 1.0 (the router sets 1/N for N workers on a node).
     Block 0 is the reserved null block, so ``num_blocks - 1`` blocks are usable.
+    ``spill_memory_bytes``: the prefix cache's second tier (engine.kv_spill), host
+    memory that blocks evicted from the pool with a cached prefix go to and come back
+    from on a prefix hit; 0 turns it off. ``spill_dtype``: how the tier stores blocks:
+    "auto" is int8 rows (kernels.kv_quant, ~1/4 of fp32) on CPU when the pool holds
+    floats and the pool's own format otherwise; "int8"; "same" (lossless).
     """
 
     block_size: int = 16
@@ -202,8 +213,17 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     gpu_share: float | None = None
+    host_share: float | None = None
+    spill_memory_bytes: int = 0
+    spill_dtype: str = "auto"
+    # "auto": the model dtype; "int8" (CPU, GPU) / "fp8" (e4m3, CUDA with fp8 support):
+    # quantized rows with per-(token, head) fp32 scales (engine/kv_quant.py).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"CacheConfig.kv_cache_dtype {self.kv_cache_dtype!r} is not one "
+                              f"of {'/'.join(KV_CACHE_DTYPES)}")
         bs = self.block_size
         if bs <= 0 or bs & (bs - 1):
             raise ConfigError(f"CacheConfig.block_size must be a power of two, got {bs}")
@@ -215,6 +235,13 @@ class CacheConfig:
             raise ConfigError("CacheConfig.gpu_memory_utilization must be in (0, 1]")
         if self.gpu_share is not None and not 0 < self.gpu_share <= 1:
             raise ConfigError("CacheConfig.gpu_share must be in (0, 1]")
+        if self.host_share is not None and not 0 < self.host_share <= 1:
+            raise ConfigError("CacheConfig.host_share must be in (0, 1]")
+        if self.spill_memory_bytes < 0:
+            raise ConfigError("CacheConfig.spill_memory_bytes must be >= 0")
+        if self.spill_dtype not in SPILL_DTYPES:
+            raise ConfigError(f"CacheConfig.spill_dtype {self.spill_dtype!r} is not one of "
+                              f"{'/'.join(SPILL_DTYPES)}")
 
 
 SCHEDULER_POLICIES = ("fcfs", "shortest_first")
@@ -309,16 +336,36 @@ def default_num_blocks(
     or a CPU sizes for CPU."""
     if cache.num_blocks is not None:
         return cache.num_blocks
+    from engine.kv_quant import kv_block_bytes  # imports this module
+
     elem = dtype.itemsize
-    per_block = model.num_hidden_layers * 2 * cache.block_size * model.kv_size * elem
+    per_block = kv_block_bytes(model, cache, dtype, device)  # int8/fp8 KV: ~1/4, 1/2
     if cache.memory_bytes is not None:
         return max(2, cache.memory_bytes // per_block)
     if device is not None and device.type == "cuda":
         return _gpu_num_blocks(model, cache, sched, elem, per_block, device)
-    max_len = sched.max_model_len or model.max_position_embeddings
-    want = sched.max_num_seqs * cdiv(min(max_len, 4096), cache.block_size) + 1
-    cap = max(2, (2 << 30) // per_block)
-    return max(2, min(want, cap, math.ceil(want)))
+    return _cpu_num_blocks(model, cache, sched, elem, per_block)
+
+
+def _host_memory() -> int:
+    """Bytes this process can still get on its host (a seam for tests)."""
+    from engine.pool_sizing import host_available_bytes
+
+    return host_available_bytes()
+
+
+def _cpu_num_blocks(model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig,
+                    elem: int, per_block: int) -> int:
+    """A budget of host memory (engine.pool_sizing), at least one full-length sequence,
+    at most four per seat (as on GPUs)."""
+    from engine.pool_sizing import cpu_pool_bytes
+
+    share = cache.host_share if cache.host_share is not None else 1.0
+    pool = cpu_pool_bytes(_host_memory(), share, model.num_params() * elem)
+    max_len = min(sched.max_model_len or model.max_position_embeddings, MAX_POSITIONS_CAP)
+    one_seq = cdiv(max_len, cache.block_size) + 1
+    cap = 4 * sched.max_num_seqs * cdiv(max_len, cache.block_size) + 1
+    return max(2, one_seq, min(pool // per_block, cap))
 
 
 # -- GPU pools -------------------------------------------------------------------------------

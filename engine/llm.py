@@ -19,7 +19,8 @@ class LLM:
 
     Knobs mirror the engine's config: ``max_num_seqs``, ``max_num_batched_tokens``,
     ``block_size``, ``num_kv_blocks`` or ``kv_cache_memory_bytes``,
-    ``enable_prefix_caching``, ``max_model_len``, ``dtype``, ``device``, ``seed``,
+    ``enable_prefix_caching``, ``kv_cache_dtype`` ("auto", "int8", "fp8": see
+    engine/kv_quant.py), ``max_model_len``, ``dtype``, ``device``, ``seed``,
     ``num_threads``.
     """
 
@@ -33,6 +34,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
         max_model_len: int | None = None,
         dtype: str = "auto",
         device: str = "auto",
@@ -47,7 +49,8 @@ class LLM:
             num_threads=num_threads,
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               memory_bytes=kv_cache_memory_bytes,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),

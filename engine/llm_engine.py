@@ -21,9 +21,12 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, RequestNotFoundError
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_layout import KVLayout
+from engine.kv_quant import resolve_kv_dtype
+from engine.kv_spill import build_spill_tier
 from engine.logprobs import TokenLogprobs
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
+from engine.pool_sizing import PoolSize
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -33,7 +36,7 @@ from engine.step_isolation import ChunkResult, run_isolated
 from engine.tokenizer import load_tokenizer
 from engine.validation import validate_prompt
 from engine.weights import load_model_config, load_state_dict, resolve_model
-from kernels import scatter_blocks
+from kernels import gather_blocks, scatter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,15 @@ class LLMEngine:
         num_blocks = default_num_blocks(mc, config.cache, config.scheduler, self.dtype,
                                         self.device)
         self.layout = KVLayout(num_blocks, mc.num_hidden_layers, config.cache.block_size,
-                               mc.num_key_value_heads, mc.head_dim, self.dtype)
+                               mc.num_key_value_heads, mc.head_dim, self.dtype,
+                               resolve_kv_dtype(config.cache.kv_cache_dtype, self.dtype,
+                                                self.device))
         self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, config.cache.block_size)
+        spill = build_spill_tier(config.cache, self.layout, self.device, self._gather_blocks,
+                                 self.import_kv)
+        self.kv = KVCacheManager(self.pool, config.cache.block_size, spill)
+        log.info("KV pool: %s%s", self.pool_size().describe(), "" if spill is None else
+                 f"; spill tier {spill.capacity_bytes / 2**30:.2f} GiB ({spill.codec.kind})")
         self.scheduler = Scheduler(config.scheduler, self.kv)
         sd = load_state_dict(self.source, mc, self.dtype, self.device, config.seed)
         self.runner = ModelRunner(mc, sd, self.layout, self.max_model_len, self.device,
@@ -204,6 +213,8 @@ class LLMEngine:
                  "running": len(self.scheduler.running)}
         state.update({f"blocks_{owner}": n for owner, n in ledger.counts.items()})
         state["violations"] = len(ledger.violations)
+        # Not pool blocks (the ledger's counts sum to "usable" without them).
+        state["spill_blocks"] = len(self.kv.spill) if self.kv.spill is not None else 0
         return state
 
     def audit(self) -> None:
@@ -229,7 +240,18 @@ class LLMEngine:
             prefix_queries=self.pool.prefix_queries,
             prefix_hits=self.pool.prefix_hits,
             num_preemptions=self.num_preemptions,
+            kv_block_bytes=self.layout.bytes_per_block,
+            block_size=self.layout.block_size,
+            **(self.kv.spill.stats_fields() if self.kv.spill is not None else {}),
         )
+
+    def pool_size(self) -> PoolSize:
+        """The pool's size and what sized it (logged at startup)."""
+        c = self.config.cache
+        source = ("num_blocks" if c.num_blocks is not None else "memory_bytes"
+                  if c.memory_bytes is not None else f"{self.device.type} budget")
+        return PoolSize(self.layout.num_blocks, self.layout.bytes_per_block,
+                        self.layout.block_size, source)
 
     def abort(self, request_id: str, *, error: str | None = None) -> RequestOutput | None:
         """Cancel a request wherever it is (queued, running, reserved, or finished but
@@ -399,9 +421,10 @@ class LLMEngine:
     def kv_cache(self, cache: torch.Tensor) -> None:
         """Run on ``cache`` instead, a tensor of the same layout whose memory a transfer
         backend must own (cuda-ipc exports it); set before the first request."""
-        if tuple(cache.shape) != self.layout.shape or cache.dtype != self.layout.dtype:
+        want = self.layout.storage_dtype
+        if tuple(cache.shape) != self.layout.shape or cache.dtype != want:
             raise ValueError(f"a KV cache of {tuple(cache.shape)} {cache.dtype} does not fit "
-                             f"the layout {self.layout.shape} {self.layout.dtype}")
+                             f"the layout {self.layout.shape} {want}")
         self.runner.kv_cache = cache
 
     def has_request(self, request_id: str) -> bool:
@@ -418,6 +441,12 @@ class LLMEngine:
             return []
         n = self.kv.num_blocks_needed(req.num_prompt_tokens)
         return list(self.kv.block_table(request_id))[:n]
+
+    def _gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """(n, *block_shape) copy of blocks (scales included): what the spill tier keeps."""
+        cache = self.runner.kv_cache
+        return gather_blocks(cache, torch.tensor(block_ids, dtype=torch.long,
+                                                 device=cache.device))
 
     def import_kv(self, block_ids: list[int], staging: torch.Tensor) -> None:
         """Write fetched KV, (n, *block_shape), into ``block_ids`` (a reservation)."""

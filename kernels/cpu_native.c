@@ -1,5 +1,7 @@
 /* Native CPU kernels for the engine's fp32 path: paged attention over the strided
- * per-layer KV view, and rotary embedding fused with the KV-cache store.
+ * per-layer KV view, and rotary embedding fused with the KV-cache store; both also for
+ * an int8 cache (kernels/kv_quant.py: each (token, head) row is head_dim int8 values
+ * then their fp32 scale).
  *
  * Built at first use by kernels/cpu_native.py (plain C with GCC vector extensions and
  * OpenMP, no torch headers, so a fresh machine compiles it in 1-2 s) and
@@ -17,6 +19,10 @@
  *   3. out_r = (sum_t p[r][t] v_t) / sum_r
  * Items run in parallel (OpenMP, dynamic schedule: ragged lengths make them uneven).
  * head_dim must be a multiple of 16 and at most 256 (the caller checks).
+ *
+ * int8 cache: the same kernel, compiled a second time; per 16 keys it widens the 16
+ * int8 rows to floats times their scale into a 16-row tile in L1 (rows_f32) and runs
+ * the fp32 loops on it, so no dequantized copy of the cache is ever made.
  *
  * Rotary + store. Replaces ~20 small torch ops per layer (rotary's slices and products,
  * store_kv's index arithmetic and two index_put_) by one call; the rotary products are
@@ -36,6 +42,7 @@
 #define PARALLEL_WORK (1 << 18) /* query-key pairs x head_dim: ~25 us on one core */
 
 typedef float vec __attribute__((vector_size(64)));
+typedef int8_t vec_i8 __attribute__((vector_size(16)));
 
 static inline vec vload(const float *p) {
     vec v;
@@ -44,6 +51,32 @@ static inline vec vload(const float *p) {
 }
 
 static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* The n <= 16 rows at tok[j] as fp32 rows for dots16 / weighted_sum16: an fp32 cache's
+ * rows where they are; an int8 cache's rows (d values, then their fp32 scale) widened
+ * and scaled into ``tile`` (16 rows of d floats, in L1), once per 16 keys and shared by
+ * all the item's query rows: converting inside the dot products would redo it per row
+ * (3.3x slower than fp32 at 3 query heads per KV head). ``quant`` is a constant
+ * wherever this is inlined. */
+static inline __attribute__((always_inline)) void rows_f32(
+    const char *const *tok, const int64_t n, const int64_t nv, const int quant, float *tile,
+    const float **out) {
+    if (!quant) {
+        for (int64_t j = 0; j < n; j++) out[j] = (const float *)tok[j];
+        return;
+    }
+    const int64_t d = nv * VL;
+    for (int64_t j = 0; j < n; j++) {
+        float s;
+        memcpy(&s, tok[j] + d, sizeof s);
+        for (int64_t v = 0; v < nv; v++) {
+            vec_i8 x;
+            memcpy(&x, tok[j] + v * VL, sizeof x);
+            vstore(tile + j * d + v * VL, __builtin_convertvector(x, vec) * s);
+        }
+        out[j] = tile + j * d;
+    }
+}
 
 /* Lane i of the result = the sum of the lanes of p[i]. A transposing tree (16 -> 8 -> 4
  * -> 2 -> 1 vectors) costs ~3 operations per dot product, where reducing each product
@@ -159,11 +192,12 @@ typedef struct {
     int32_t seq, kv_head, first; /* first query token of the tile, 0-based in the chunk */
 } Item;
 
-/* One call's tensors, shapes and strides (in elements); see paged_attention_f32. */
+/* One call's tensors, shapes and strides (in elements; the cache's in bytes); see
+ * paged_attention_f32. */
 typedef struct {
     const float *q;
     int64_t q_row, q_head;
-    const float *cache;
+    const char *cache;
     int64_t c_block, c_kv, c_tok, c_head;
     float *out;
     int64_t o_row, o_head;
@@ -180,8 +214,8 @@ static inline int64_t chunk(int64_t n_keys, int64_t t0) {
 
 /* Addresses of keys t0 .. t0+n-1 (n <= VL) of one head: the block table says where each
  * token lives; one division per 16 keys, whatever the block size. */
-static inline void token_ptrs(const Args *a, const int32_t *table, const float *base,
-                              int64_t t0, int64_t n, const float **ptr) {
+static inline void token_ptrs(const Args *a, const int32_t *table, const char *base,
+                              int64_t t0, int64_t n, const char **ptr) {
     int64_t blk = t0 / a->block_size, off = t0 % a->block_size;
     for (int64_t j = 0; j < n; j++) {
         ptr[j] = base + table[blk] * a->c_block + off * a->c_tok;
@@ -195,19 +229,18 @@ static inline void token_ptrs(const Args *a, const int32_t *table, const float *
 /* Asks for keys t0 .. t0+n-1 of one head ahead of use: a sequence's blocks lie far
  * apart (a block holds every layer), so the hardware prefetchers lose the stream at
  * each block edge and every 16 keys would otherwise wait on DRAM. */
-static inline void prefetch_tokens(const Args *a, const int32_t *table, const float *base,
-                                   int64_t t0, int64_t n) {
-    const float *tok[VL];
+static inline void prefetch_tokens(const Args *a, const int32_t *table, const char *base,
+                                   int64_t t0, int64_t n, const int64_t row_bytes) {
+    const char *tok[VL];
     token_ptrs(a, table, base, t0, n, tok);
     for (int64_t j = 0; j < n; j++)
-        for (int64_t e = 0; e < a->d; e += 64 / (int64_t)sizeof(float))
-            __builtin_prefetch(tok[j] + e);
+        for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(tok[j] + e);
 }
 
 /* One work item. Always inlined into run_item with the common head sizes as constants
  * (nv = head_dim / 16), so the head_dim loops unroll into registers. */
 static inline __attribute__((always_inline)) void item_impl(
-    const Args *a, Item it, float *scores, vec *acc, const int64_t nv) {
+    const Args *a, Item it, float *scores, vec *acc, const int64_t nv, const int quant) {
     const int64_t q0 = a->query_start[it.seq];
     const int64_t ql = a->query_start[it.seq + 1] - q0;
     const int64_t sl = a->seq_lens[it.seq];
@@ -227,24 +260,29 @@ static inline __attribute__((always_inline)) void item_impl(
             lim[i * g + h] = sl - ql + it.first + i + 1;
         }
     }
-    const float *k_base = a->cache + it.kv_head * a->c_head;
-    const float *v_base = k_base + a->c_kv;
-    const float *tok[VL];
+    const char *k_base = a->cache + it.kv_head * a->c_head;
+    const char *v_base = k_base + a->c_kv;
+    const char *tok[VL];
+    const float *rows_at[VL];
+    float tile[VL * VL * MAX_NV]; /* int8: 16 dequantized rows */
+    /* the bytes of a row (int8: the values, then the scale) */
+    const int64_t rb = quant ? a->d + (int64_t)sizeof(float) : a->d * (int64_t)sizeof(float);
 
     /* 1. scores, 16 keys at a time (a row's keys past its limit are computed and then
      *    ignored: within a tile they are live tokens of later queries). */
-    prefetch_tokens(a, table, k_base, 0, chunk(n_keys, 0));
+    prefetch_tokens(a, table, k_base, 0, chunk(n_keys, 0), rb);
     for (int64_t t0 = 0; t0 < n_keys; t0 += VL) {
         const int64_t n = chunk(n_keys, t0);
         token_ptrs(a, table, k_base, t0, n, tok);
         if (t0 + VL < n_keys)
-            prefetch_tokens(a, table, k_base, t0 + VL, chunk(n_keys, t0 + VL));
+            prefetch_tokens(a, table, k_base, t0 + VL, chunk(n_keys, t0 + VL), rb);
         else
-            prefetch_tokens(a, table, v_base, 0, chunk(n_keys, 0)); /* for step 3 */
+            prefetch_tokens(a, table, v_base, 0, chunk(n_keys, 0), rb); /* for step 3 */
+        rows_f32(tok, n, nv, quant, tile, rows_at);
         for (int64_t r = 0; r < rows; r++) {
             vec q[MAX_NV];
             for (int64_t v = 0; v < nv; v++) q[v] = vload(qp[r] + v * VL);
-            const vec sc = n == VL ? dots16(q, tok, VL, nv) : dots16(q, tok, n, nv);
+            const vec sc = n == VL ? dots16(q, rows_at, VL, nv) : dots16(q, rows_at, n, nv);
             vstore(scores + r * stride + t0, sc * a->scale);
         }
     }
@@ -263,13 +301,14 @@ static inline __attribute__((always_inline)) void item_impl(
         const int64_t n = chunk(n_keys, t0);
         token_ptrs(a, table, v_base, t0, n, tok);
         if (t0 + VL < n_keys)
-            prefetch_tokens(a, table, v_base, t0 + VL, chunk(n_keys, t0 + VL));
+            prefetch_tokens(a, table, v_base, t0 + VL, chunk(n_keys, t0 + VL), rb);
+        rows_f32(tok, n, nv, quant, tile, rows_at);
         for (int64_t r = 0; r < rows; r++) {
             const float *p = scores + r * stride + t0;
             if (n == VL)
-                weighted_sum16(acc + r * nv, p, tok, VL, nv);
+                weighted_sum16(acc + r * nv, p, rows_at, VL, nv);
             else
-                weighted_sum16(acc + r * nv, p, tok, n, nv);
+                weighted_sum16(acc + r * nv, p, rows_at, n, nv);
         }
     }
     for (int64_t i = 0; i < nq; i++) {
@@ -283,9 +322,17 @@ static inline __attribute__((always_inline)) void item_impl(
 
 static void run_item(const Args *a, Item it, float *scores, vec *acc) {
     switch (a->d) {
-    case 64: item_impl(a, it, scores, acc, 4); break;
-    case 128: item_impl(a, it, scores, acc, 8); break;
-    default: item_impl(a, it, scores, acc, a->d / VL);
+    case 64: item_impl(a, it, scores, acc, 4, 0); break;
+    case 128: item_impl(a, it, scores, acc, 8, 0); break;
+    default: item_impl(a, it, scores, acc, a->d / VL, 0);
+    }
+}
+
+static void run_item_i8(const Args *a, Item it, float *scores, vec *acc) {
+    switch (a->d) {
+    case 64: item_impl(a, it, scores, acc, 4, 1); break;
+    case 128: item_impl(a, it, scores, acc, 8, 1); break;
+    default: item_impl(a, it, scores, acc, a->d / VL, 1);
     }
 }
 
@@ -294,16 +341,11 @@ static void run_item(const Args *a, Item it, float *scores, vec *acc) {
  * 256), -2 when out of memory. Threads: the calling thread's OpenMP team size, which
  * torch.set_num_threads sets (torch's own parallel regions use the same runtime and
  * pool). */
-int paged_attention_f32(
-    const float *q, int64_t q_row, int64_t q_head,
-    const float *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
-    float *out, int64_t o_row, int64_t o_head,
-    const int32_t *query_start, const int32_t *seq_lens,
-    const int32_t *block_tables, int64_t bt_row, int64_t num_seqs,
-    int64_t num_kv_heads, int64_t group, int64_t d, int64_t block_size, float scale) {
-    if (group > MAX_GROUP || d % VL || d > VL * MAX_NV) return -1;
-    const Args a = {q, q_row, q_head, cache, c_block, c_kv, c_tok, c_head, out, o_row, o_head,
-                    query_start, seq_lens, block_tables, bt_row, group, d, block_size, scale};
+typedef void (*ItemFn)(const Args *, Item, float *, vec *);
+
+static int attention(const Args a, int64_t num_seqs, int64_t num_kv_heads, ItemFn run) {
+    const int32_t *query_start = a.query_start, *seq_lens = a.seq_lens;
+    const int64_t group = a.group, d = a.d;
     int64_t n_items = 0, max_keys = 1, work = 0;
     for (int64_t b = 0; b < num_seqs; b++) {
         const int64_t ql = query_start[b + 1] - query_start[b];
@@ -339,12 +381,43 @@ int paged_attention_f32(
 #pragma omp parallel for schedule(dynamic, 1) if (work >= PARALLEL_WORK)
     for (int64_t i = 0; i < n_items; i++) {
         const int t = omp_get_thread_num();
-        run_item(&a, items[i], scores + t * n_scores, acc + t * n_acc);
+        run(&a, items[i], scores + t * n_scores, acc + t * n_acc);
     }
     free(scores);
     free(acc);
     free(items);
     return 0;
+}
+
+int paged_attention_f32(
+    const float *q, int64_t q_row, int64_t q_head,
+    const float *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
+    float *out, int64_t o_row, int64_t o_head,
+    const int32_t *query_start, const int32_t *seq_lens,
+    const int32_t *block_tables, int64_t bt_row, int64_t num_seqs,
+    int64_t num_kv_heads, int64_t group, int64_t d, int64_t block_size, float scale) {
+    if (group > MAX_GROUP || d % VL || d > VL * MAX_NV) return -1;
+    const int64_t e = sizeof(float); /* cache strides in bytes */
+    const Args a = {q, q_row, q_head, (const char *)cache, c_block * e, c_kv * e, c_tok * e,
+                    c_head * e, out, o_row, o_head, query_start, seq_lens, block_tables,
+                    bt_row, group, d, block_size, scale};
+    return attention(a, num_seqs, num_kv_heads, run_item);
+}
+
+/* paged_attention_f32 over an int8 cache: rows of d int8 values and their fp32 scale
+ * (cache strides in elements = bytes). */
+int paged_attention_i8(
+    const float *q, int64_t q_row, int64_t q_head,
+    const int8_t *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
+    float *out, int64_t o_row, int64_t o_head,
+    const int32_t *query_start, const int32_t *seq_lens,
+    const int32_t *block_tables, int64_t bt_row, int64_t num_seqs,
+    int64_t num_kv_heads, int64_t group, int64_t d, int64_t block_size, float scale) {
+    if (group > MAX_GROUP || d % VL || d > VL * MAX_NV) return -1;
+    const Args a = {q, q_row, q_head, (const char *)cache, c_block, c_kv, c_tok, c_head,
+                    out, o_row, o_head, query_start, seq_lens, block_tables, bt_row, group, d,
+                    block_size, scale};
+    return attention(a, num_seqs, num_kv_heads, run_item_i8);
 }
 
 /* Neox rotary of one head in place: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the
@@ -358,18 +431,37 @@ __attribute__((optimize("fp-contract=off"))) static inline void rotate(
     }
 }
 
+/* One row of d floats -> d int8 values then their fp32 scale s = absmax / 127, each
+ * value round-half-even(x / s) (an all-zero row: s = 0, values 0). The operations of
+ * kernels/kv_quant.py's quantize, so both paths store the same bytes. */
+static void quantize_row(int8_t *restrict dst, const float *restrict x, int64_t d) {
+    float m = 0.f;
+    for (int64_t i = 0; i < d; i++) {
+        const float a = __builtin_fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    const float s = m / 127.0f, div = s > 0.f ? s : 1.0f;
+    for (int64_t i = 0; i < d; i++) {
+        float y = __builtin_nearbyintf(x[i] / div);
+        y = y > 127.f ? 127.f : (y < -127.f ? -127.f : y);
+        dst[i] = (int8_t)y;
+    }
+    memcpy(dst + d, &s, sizeof s);
+}
+
 /* Rotates q (T, Hq, D) and k (T, Hkv, D) in place at their positions, using the
  * (max_pos, D) table of [cos | sin] halves, then copies k and v (T, Hkv, D) into the
- * cache at their slots (slot -1: not stored). Returns 0, or -1 when a position or slot
- * is out of range (nothing is written then). */
-int rotary_store_f32(
+ * cache at their slots (slot -1: not stored); ``quant``: the cache is int8 rows (cache
+ * strides in bytes either way). Returns 0, or -1 when a position or slot is out of
+ * range (nothing is written then). */
+static int rotary_store(
     float *q, int64_t q_row, int64_t q_head,
     float *k, int64_t k_row, int64_t k_head,
     const float *v, int64_t v_row, int64_t v_head,
     const int64_t *positions, const float *cos_sin, int64_t cs_row, int64_t max_pos,
-    float *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
+    char *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
     const int64_t *slots, int64_t num_slots, int64_t block_size,
-    int64_t num_tokens, int64_t hq, int64_t hkv, int64_t d) {
+    int64_t num_tokens, int64_t hq, int64_t hkv, int64_t d, const int quant) {
     for (int64_t t = 0; t < num_tokens; t++)
         if (positions[t] < 0 || positions[t] >= max_pos || slots[t] < -1 ||
             slots[t] >= num_slots)
@@ -383,11 +475,47 @@ int rotary_store_f32(
         for (int64_t h = 0; h < hq; h++) rotate(q + t * q_row + h * q_head, cos, sin, half);
         for (int64_t h = 0; h < hkv; h++) rotate(k + t * k_row + h * k_head, cos, sin, half);
         if (slots[t] < 0) continue;
-        float *dst = cache + slots[t] / block_size * c_block + slots[t] % block_size * c_tok;
+        char *dst = cache + slots[t] / block_size * c_block + slots[t] % block_size * c_tok;
         for (int64_t h = 0; h < hkv; h++) {
-            memcpy(dst + h * c_head, k + t * k_row + h * k_head, (size_t)d * sizeof(float));
-            memcpy(dst + c_kv + h * c_head, v + t * v_row + h * v_head, (size_t)d * sizeof(float));
+            const float *kr = k + t * k_row + h * k_head, *vr = v + t * v_row + h * v_head;
+            if (quant) {
+                quantize_row((int8_t *)(dst + h * c_head), kr, d);
+                quantize_row((int8_t *)(dst + c_kv + h * c_head), vr, d);
+            } else {
+                memcpy(dst + h * c_head, kr, (size_t)d * sizeof(float));
+                memcpy(dst + c_kv + h * c_head, vr, (size_t)d * sizeof(float));
+            }
         }
     }
     return 0;
+}
+
+int rotary_store_f32(
+    float *q, int64_t q_row, int64_t q_head,
+    float *k, int64_t k_row, int64_t k_head,
+    const float *v, int64_t v_row, int64_t v_head,
+    const int64_t *positions, const float *cos_sin, int64_t cs_row, int64_t max_pos,
+    float *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
+    const int64_t *slots, int64_t num_slots, int64_t block_size,
+    int64_t num_tokens, int64_t hq, int64_t hkv, int64_t d) {
+    const int64_t e = sizeof(float);
+    return rotary_store(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, positions,
+                        cos_sin, cs_row, max_pos, (char *)cache, c_block * e, c_kv * e,
+                        c_tok * e, c_head * e, slots, num_slots, block_size, num_tokens, hq,
+                        hkv, d, 0);
+}
+
+/* rotary_store_f32 into an int8 cache (strides in elements = bytes), quantizing k and v
+ * rows as they are stored. */
+int rotary_store_i8(
+    float *q, int64_t q_row, int64_t q_head,
+    float *k, int64_t k_row, int64_t k_head,
+    const float *v, int64_t v_row, int64_t v_head,
+    const int64_t *positions, const float *cos_sin, int64_t cs_row, int64_t max_pos,
+    int8_t *cache, int64_t c_block, int64_t c_kv, int64_t c_tok, int64_t c_head,
+    const int64_t *slots, int64_t num_slots, int64_t block_size,
+    int64_t num_tokens, int64_t hq, int64_t hkv, int64_t d) {
+    return rotary_store(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, positions,
+                        cos_sin, cs_row, max_pos, (char *)cache, c_block, c_kv, c_tok, c_head,
+                        slots, num_slots, block_size, num_tokens, hq, hkv, d, 1);
 }

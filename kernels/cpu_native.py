@@ -50,15 +50,14 @@ MAX_GROUP = 64  # Hq / Hkv; the attention kernel's per-item row arrays are sized
 MAX_HEAD_DIM = 256  # and head_dim must be a multiple of 16 (one vector)
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
-_SIGNATURES = {  # C parameter types, in order
-    "paged_attention_f32": [
+_ATTENTION = [
         _P, _I64, _I64,  # q, row and head strides
         _P, _I64, _I64, _I64, _I64,  # cache, block / kv / token / head strides
         _P, _I64, _I64,  # out, row and head strides
         _P, _P, _P, _I64, _I64,  # query_start_loc, seq_lens, block_tables, its row stride, B
         _I64, _I64, _I64, _I64, ctypes.c_float,  # Hkv, group, D, block_size, scale
-    ],
-    "rotary_store_f32": [
+]
+_ROTARY_STORE = [
         _P, _I64, _I64,  # q, row and head strides
         _P, _I64, _I64,  # k
         _P, _I64, _I64,  # v
@@ -66,7 +65,12 @@ _SIGNATURES = {  # C parameter types, in order
         _P, _I64, _I64, _I64, _I64,  # cache, block / kv / token / head strides
         _P, _I64, _I64,  # slot_mapping, number of slots, block_size
         _I64, _I64, _I64, _I64,  # T, Hq, Hkv, D
-    ],
+]
+_SIGNATURES = {  # C parameter types, in order; *_i8: the same over an int8 cache
+    "paged_attention_f32": _ATTENTION,
+    "paged_attention_i8": _ATTENTION,
+    "rotary_store_f32": _ROTARY_STORE,
+    "rotary_store_i8": _ROTARY_STORE,
 }
 
 
@@ -147,12 +151,17 @@ def _cpu_i64(t: torch.Tensor) -> bool:
     return t.dtype is torch.int64 and t.is_cpu and t.stride(-1) == 1
 
 
+def _cpu_cache(t: torch.Tensor) -> bool:
+    """An fp32 cache, or an int8 one of kernels.kv_quant's rows, on CPU, rows contiguous."""
+    return (t.dtype is torch.float32 or t.dtype is torch.int8) and t.is_cpu and t.stride(-1) == 1
+
+
 def supports(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether this attention call can go to the native kernel (else: the torch path)."""
     d = q.shape[2]
     return (
         _cpu_f32(q)
-        and _cpu_f32(kv_cache)
+        and _cpu_cache(kv_cache)
         and d % 16 == 0
         and d <= MAX_HEAD_DIM
         and q.shape[1] // kv_cache.shape[3] <= MAX_GROUP
@@ -173,8 +182,9 @@ def paged_attention_native(
     if lib is None or not _cpu_f32(out):
         raise ValueError("native attention needs the built kernels and an fp32 CPU out with "
                          "a contiguous head_dim; check supports() first")
-    hkv, d = kv_cache.shape[3], kv_cache.shape[4]
-    rc = lib.paged_attention_f32(
+    hkv, d = kv_cache.shape[3], q.shape[2]
+    fn = lib.paged_attention_i8 if kv_cache.dtype is torch.int8 else lib.paged_attention_f32
+    rc = fn(
         q.data_ptr(), q.stride(0), q.stride(1),
         kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3),
@@ -184,7 +194,7 @@ def paged_attention_native(
         hkv, q.shape[1] // hkv, d, kv_cache.shape[2], scale,
     )
     if rc != 0:
-        raise RuntimeError(f"paged_attention_f32 failed with code {rc}")
+        raise RuntimeError(f"native paged attention failed with code {rc}")
 
 
 def supports_rotary_store(
@@ -194,7 +204,7 @@ def supports_rotary_store(
     """Whether rotary_store_native can take these tensors (else: the torch ops)."""
     return (
         _cpu_f32(q) and _cpu_f32(k) and _cpu_f32(v) and _cpu_f32(cos_sin)
-        and _cpu_f32(kv_cache) and _cpu_i64(positions) and _cpu_i64(slot_mapping)
+        and _cpu_cache(kv_cache) and _cpu_i64(positions) and _cpu_i64(slot_mapping)
         and available()
     )
 
@@ -213,8 +223,10 @@ def rotary_store_native(
     (before writing anything)."""
     lib = _library()
     assert lib is not None
-    nb, _, bs, hkv, d = kv_cache.shape
-    rc = lib.rotary_store_f32(
+    nb, _, bs, hkv, _ = kv_cache.shape
+    d = q.shape[2]
+    fn = lib.rotary_store_i8 if kv_cache.dtype is torch.int8 else lib.rotary_store_f32
+    rc = fn(
         q.data_ptr(), q.stride(0), q.stride(1),
         k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1),

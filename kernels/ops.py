@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_native
+from kernels.kv_quant import is_quantized, row_len
 from kernels.metadata import AttentionMetadata
 from kernels.ref_attention import paged_attention_torch
 from kernels.ref_cache import gather_blocks_torch, scatter_blocks_torch, store_kv_torch
@@ -19,12 +20,15 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _check_cache(kv_cache: torch.Tensor, hkv: int, d: int, dtype: torch.dtype) -> None:
+    """A quantized cache (kernels.kv_quant) passes for any ``dtype``: its rows are
+    head_dim values plus their scale, read back in the activations' dtype."""
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
         raise ValueError(f"kv_cache must be (num_blocks, 2, block_size, Hkv, D), got "
                          f"{tuple(kv_cache.shape)}")
-    if kv_cache.shape[3] != hkv or kv_cache.shape[4] != d:
-        raise ValueError(f"kv_cache heads/dim {tuple(kv_cache.shape[3:])} != ({hkv}, {d})")
-    if kv_cache.dtype != dtype:
+    row = row_len(d, kv_cache.dtype)
+    if kv_cache.shape[3] != hkv or kv_cache.shape[4] != row:
+        raise ValueError(f"kv_cache heads/row {tuple(kv_cache.shape[3:])} != ({hkv}, {row})")
+    if kv_cache.dtype != dtype and not is_quantized(kv_cache.dtype):
         raise ValueError(f"kv_cache dtype {kv_cache.dtype} != {dtype}")
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_native
+from kernels.kv_quant import read_rows
 from kernels.metadata import AttentionMetadata, _plan_cpu
 
 
@@ -44,15 +45,17 @@ def paged_attention_torch(
         plan.decode_mask = plan.decode_mask.to(q.device)
     if out is None:
         out = torch.empty_like(q)
-    _, _, bs, hkv, d = kv_cache.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    d = q.shape[2]
     gqa = q.shape[1] != hkv
     if plan.decode_rows.numel():
         bd, nb = plan.decode_block_tables.shape
         # Gather K and V separately so each comes out contiguous and the reshape is a view.
         # index_select, not advanced indexing: ~8x faster on CPU for this gather.
         flat = plan.decode_block_tables.view(-1)
-        k = kv_cache[:, 0].index_select(0, flat).view(bd, nb * bs, hkv, d)  # (Bd, Lk, Hkv, D)
-        v = kv_cache[:, 1].index_select(0, flat).view(bd, nb * bs, hkv, d)
+        k = read_rows(kv_cache[:, 0].index_select(0, flat), q.dtype).view(bd, nb * bs, hkv, d)
+        v = read_rows(kv_cache[:, 1].index_select(0, flat), q.dtype).view(bd, nb * bs, hkv, d)
+        # (Bd, Lk, Hkv, D) each; a quantized cache is dequantized as gathered
         all_decode = bd == q.shape[0]  # rows are 0..T-1 in order: no row gather/scatter
         qd = (q if all_decode else q[plan.decode_rows]).unsqueeze(2)  # (Bd, Hq, 1, D)
         o = F.scaled_dot_product_attention(
@@ -65,9 +68,10 @@ def paged_attention_torch(
             out[plan.decode_rows] = o.squeeze(2)
     for start, ql, ids, sl, causal in plan.prefills:
         ids = ids.to(q.device)
-        k = kv_cache[:, 0].index_select(0, ids).view(-1, hkv, d)[:sl].transpose(0, 1)
-        # (Hkv, sl, D) each
-        v = kv_cache[:, 1].index_select(0, ids).view(-1, hkv, d)[:sl].transpose(0, 1)
+        k = read_rows(kv_cache[:, 0].index_select(0, ids), q.dtype)
+        k = k.reshape(-1, hkv, d)[:sl].transpose(0, 1)  # (Hkv, sl, D) each
+        v = read_rows(kv_cache[:, 1].index_select(0, ids), q.dtype)
+        v = v.reshape(-1, hkv, d)[:sl].transpose(0, 1)
         qp = q[start : start + ql].transpose(0, 1)  # (Hq, ql, D)
         if causal is None:
             o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale,
@@ -94,8 +98,9 @@ def paged_attention_naive(
     for b, (ql, sl) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
         slots = [bts[b][p // bs] * bs + p % bs for p in range(sl)]
         flat = kv_cache.reshape(-1, *kv_cache.shape[1:])  # keep (blk, 2, bs, H, D)
-        k = torch.stack([flat[s // bs, 0, s % bs] for s in slots]).float()  # (sl, Hkv, D)
-        v = torch.stack([flat[s // bs, 1, s % bs] for s in slots]).float()
+        k = torch.stack([flat[s // bs, 0, s % bs] for s in slots])  # (sl, Hkv, row)
+        v = torch.stack([flat[s // bs, 1, s % bs] for s in slots])
+        k, v = read_rows(k, torch.float32).float(), read_rows(v, torch.float32).float()
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
         qs = q[starts[b] : starts[b] + ql].float()  # (ql, Hq, D)

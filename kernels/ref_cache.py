@@ -1,12 +1,16 @@
 """Torch path of the KV cache ops: store new K/V by slot, gather/scatter whole blocks.
 
 Slot s of a cache lives at block s // block_size, offset s % block_size. A slot of -1
-marks a padding token whose K/V must not be written.
+marks a padding token whose K/V must not be written. A quantized cache
+(kernels.kv_quant) is written quantized; gather/scatter move its rows, scales included,
+as bytes.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels.kv_quant import is_quantized, quantize
 
 
 def store_kv_torch(
@@ -23,6 +27,8 @@ def store_kv_torch(
     idx = (slots // bs, slots % bs)
     # index_put_ on the K and V views: mixed int/tensor indexing of the 5-d strided cache
     # takes a slow generic path (hundreds of times slower on CPU).
+    if is_quantized(kv_cache.dtype):  # quantize on write: rows of values + their scale
+        k, v = quantize(k, kv_cache.dtype), quantize(v, kv_cache.dtype)
     kv_cache[:, 0].index_put_(idx, k.to(kv_cache.dtype))
     kv_cache[:, 1].index_put_(idx, v.to(kv_cache.dtype))
 

@@ -25,7 +25,7 @@ import tomllib
 import typing
 from typing import Any, NamedTuple
 
-from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
+from engine.config import KV_CACHE_DTYPES, SCHEDULER_POLICIES, ConfigError, EngineConfig
 from router.config import RouterConfig
 from router.node_resources import parse_resources
 from router.server_config import API_KEY_ENV, ServerConfig
@@ -113,10 +113,27 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
                    help="most requests a worker runs at once (engine.scheduler."
                         "max_num_seqs; default: 64)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                   help="what every worker's KV cache stores (engine.cache.kv_cache_dtype): "
+                        "auto = the model dtype; int8 (CPU, GPU) or fp8 (GPUs with fp8) "
+                        "quantize it with per-token scales, ~4x / 2x the blocks per GiB "
+                        "(default: auto)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    default=None,
                    help="turn the prefix cache off on every worker (engine.cache."
                         "enable_prefix_caching = false; default: on)")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GiB",
+                   help="KV pool of each worker, in GiB (engine.cache.memory_bytes; "
+                        "default: on CPU a share of the host's available memory, on GPUs "
+                        "--gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="fraction of each worker's share of its GPU that weights, "
+                        "activations and the KV pool may use (engine.cache."
+                        "gpu_memory_utilization; default: 0.9)")
+    p.add_argument("--kv-spill-memory", type=float, default=None, metavar="GiB",
+                   help="host memory per worker for prefix-cache blocks evicted from the "
+                        "KV pool, restored on a prefix hit instead of recomputed (engine."
+                        "cache.spill_memory_bytes; int8 on CPU; default: 0, off)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="JSON or TOML file with RouterConfig fields, [engine] and [server]")
 
@@ -141,11 +158,26 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data.setdefault("engine", {})["model"] = args.model
     if getattr(args, "prefix_cache", None) is False:
         _set_engine(data, "cache", "enable_prefix_caching", False)
+    if getattr(args, "kv_cache_dtype", None) is not None:
+        _set_engine(data, "cache", "kv_cache_dtype", args.kv_cache_dtype)
     for name in ("max_num_batched_tokens", "max_num_seqs"):
         if getattr(args, name, None) is not None:
             _set_engine(data, "scheduler", name, getattr(args, name))
+    for flag, key in (("kv_cache_memory", "memory_bytes"),
+                      ("kv_spill_memory", "spill_memory_bytes")):
+        if getattr(args, flag, None) is not None:
+            _set_engine(data, "cache", key, gib_to_bytes(f"--{flag.replace('_', '-')}",
+                                                         getattr(args, flag)))
+    if getattr(args, "gpu_memory_utilization", None) is not None:
+        _set_engine(data, "cache", "gpu_memory_utilization", args.gpu_memory_utilization)
     return Settings(from_dict(RouterConfig, data, "config"),
                     from_dict(ServerConfig, server_data, "server"))
+
+
+def gib_to_bytes(flag: str, gib: float) -> int:
+    if not gib >= 0:  # also NaN
+        raise ConfigError(f"{flag} must be >= 0 GiB, got {gib}")
+    return int(gib * (1 << 30))
 
 
 def _set_engine(data: dict[str, Any], section: str, key: str, value: Any) -> None:
