@@ -81,23 +81,32 @@ bench-guidellm: $(STAMP)
 	  $(GVENV)/bin/pip install -q "$(TORCH)" "guidellm==0.8.1")
 	$(BIN)/python -m bench.guidellm_compare --guidellm $(GVENV)/bin/guidellm
 
-# Mutation testing of the engine's core (optional, not in CI; docs/mutation.md has the
-# kill rates). CPU heavy: minutes per module on 2 cores. Each module is mutated in its own
-# scratch copy of the tree (the working tree is never touched) and judged by the fast
-# unit tests only. One module: `make mutation MUTATE=engine/sampler.py`.
+# Mutation testing of the engine's core and the router's lifecycle code (optional, not in
+# CI; docs/mutation.md has the kill rates). CPU heavy: minutes per module on 2 cores. Each
+# module is mutated in its own scratch copy of the tree (the working tree is never
+# touched) and judged by the fast unit tests only: the engine's modules by
+# MUTATION_TESTS, the router's by MUTATION_ROUTER_TESTS (fake in-process workers; no Ray,
+# no model). One module: `make mutation MUTATE=engine/sampler.py`; on a shared machine:
+# `nice -n 19 make mutation MUTATION_JOBS=1`.
 MUTATE ?= engine/block_pool.py engine/kv_cache_manager.py $(wildcard engine/scheduler*.py) \
-	engine/sampler.py engine/detokenizer.py
+	engine/sampler.py engine/detokenizer.py \
+	router/lifecycle.py router/placement.py router/streams.py
 MUTATION_TESTS ?= tests/unit/test_block_pool.py tests/unit/test_block_ledger.py \
 	tests/unit/test_scheduler.py tests/unit/test_scheduler_policy.py \
 	tests/unit/test_sampler.py tests/unit/test_sampler_guards.py \
 	tests/unit/test_sampling_params.py tests/unit/test_detokenizer.py \
 	$(wildcard tests/unit/test_*_edges.py)
+MUTATION_ROUTER_TESTS ?= tests/unit/test_router_lifecycle.py \
+	$(wildcard tests/unit/test_router_abort_order.py tests/unit/test_router_paths.py)
+# The packages a mutated module's tests import; each run mutates one and copies the rest
+# into its scratch tree, so nothing is imported from the (changing) working tree.
+MUTATION_PACKAGES := engine kernels kvtransfer messages proto router runtime
 MUTATION_DIR ?= $(or $(TMPDIR),/tmp)/pdserve-mutation
 MUTATION_JOBS ?= 2
 comma := ,
 empty :=
 space := $(empty) $(empty)
-MUTATION_TEST_LIST := $(subst $(space),$(comma)$(space),$(patsubst %,"%",$(strip $(MUTATION_TESTS))))
+toml_list = $(subst $(space),$(comma)$(space),$(patsubst %,"%",$(strip $(1))))
 
 $(VENV)/.stamp-mutation: $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[mutation]"
@@ -106,10 +115,16 @@ $(VENV)/.stamp-mutation: $(STAMP) pyproject.toml
 mutation: $(VENV)/.stamp-mutation
 	@mkdir -p $(MUTATION_DIR); : > $(MUTATION_DIR)/summary.txt
 	@set -e; for m in $(MUTATE); do \
+	  pkg=$${m%%/*}; \
+	  case $$pkg in \
+	    router) tests='$(call toml_list,$(MUTATION_ROUTER_TESTS))';; \
+	    *) tests='$(call toml_list,$(MUTATION_TESTS))';; \
+	  esac; \
+	  also=$$(for p in $(MUTATION_PACKAGES); do [ $$p = $$pkg ] || printf '"%s", ' $$p; done); \
 	  d=$(MUTATION_DIR)/$$(basename $$m .py); rm -rf $$d; mkdir -p $$d; \
 	  git ls-files -co --exclude-standard | tar -c -T - | tar -x -C $$d; \
-	  printf '\n[tool.mutmut]\nsource_paths = ["engine"]\nalso_copy = ["kernels"]\nonly_mutate = ["%s"]\npytest_add_cli_args_test_selection = [%s]\nprocess_isolation = "forkserver"\nuse_git_change_detection = false\n' \
-	    "$$m" '$(MUTATION_TEST_LIST)' >> $$d/pyproject.toml; \
+	  printf '\n[tool.mutmut]\nsource_paths = ["%s"]\nalso_copy = [%s]\nonly_mutate = ["%s"]\npytest_add_cli_args_test_selection = [%s]\nprocess_isolation = "forkserver"\nuse_git_change_detection = false\n' \
+	    "$$pkg" "$${also%, }" "$$m" "$$tests" >> $$d/pyproject.toml; \
 	  echo "mutating $$m (log: $$d/mutmut.log)"; \
 	  (cd $$d && OMP_NUM_THREADS=1 nice -n 19 $(CURDIR)/$(BIN)/mutmut run \
 	    --max-children $(MUTATION_JOBS) > mutmut.log 2>&1 && \

@@ -98,6 +98,7 @@ class FakeActor:
     reserved: dict[str, list[int]] = field(default_factory=dict)
     running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
     aborted: set[str] = field(default_factory=set)
+    sent_to: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # prefill: KV dest
     calls: list[tuple[str, str]] = field(default_factory=list)  # (method, request id)
     # Shared by every actor of a FakeCluster: (worker id, method, request id).
     journal: list[tuple[str, str, str]] = field(default_factory=list)
@@ -306,6 +307,8 @@ class FakeActor:
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         rid = task.request_id
         self._record("prefill", rid)
+        # Where the KV will go: a decode worker's endpoint and the blocks reserved there.
+        self.sent_to[rid] = (task.dest.worker_id, list(task.dest_block_ids))
         if rid in self.aborted:
             raise PrefillAborted(f"{rid} aborted before its prefill")
         await self.prefill_gate.wait()

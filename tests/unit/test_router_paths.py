@@ -243,13 +243,14 @@ def test_prefill_bookkeeping_while_in_flight_and_after(cluster: FakeCluster) -> 
         await until(lambda: ("prefill", "k@1") in prefill.calls, "prefilling")
         assert p.load.outstanding_tokens == 17 and p.requests == {"k"}
         assert d.fresh_blocks == 2
+        assert prefill.sent_to["k@1"] == (decode.worker_id, decode.reserved["k@1"])
+        second = asyncio.ensure_future(collect(router, prompt=prompt[:5], request_id="l"))
+        await until(lambda: ("prefill", "l@1") in prefill.calls, "both prefilling")
+        assert p.load.outstanding_tokens == 22 and p.requests == {"k", "l"}
         prefill.prefill_gate.set()
-        await until(lambda: "k" in router.requests
-                    and router.requests["k"].phase is Phase.DECODING, "decoding")
+        assert (await second)[0] == expected(prompt[:5], 12)
+        assert (await task)[0] == expected(prompt, 12)
         assert p.load.outstanding_tokens == 0 and not p.requests
-        assert d.requests == {"k"}
-        toks, _ = await task
-        assert toks == expected(prompt, 12)
         await until(lambda: not d.requests, "the attempt over")
         assert d.fresh_blocks == 0
         # remembered for prefix affinity: its one full block
