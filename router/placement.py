@@ -10,6 +10,9 @@
 Every call that may leave state on a worker records that worker in ``touched`` *before*
 it is sent: if the request is cancelled while the call is in flight, the lifecycle
 still knows whom to tell (see router/lifecycle.py).
+
+A request's first attempt fails fast when no alive node can host a role it needs;
+a request placed again waits for one (``wait_live``'s fail_fast, worker_registry.py).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class Placement:
         est = -(-len(tokens) // self.block_size)
         try:
             while True:
-                live = await self.registry.wait_live("decode", rr.deadline)
+                live = await self.registry.wait_live("decode", rr.deadline, rr.placements <= 1)
                 live.sort(key=lambda h: (h.est_usage(), len(h.requests)))
                 for d in live:
                     d.fresh_blocks += est  # before awaiting, so concurrent picks spread out
@@ -92,12 +95,12 @@ class Placement:
     async def prefill_worker(self, rr: RouterRequest, tokens: list[int]
                              ) -> tuple[WorkerHandle, list[int]]:
         """The prefill worker for ``tokens`` and the prompt's block hashes."""
-        live = await self.registry.wait_live("prefill", rr.deadline)
+        live = await self.registry.wait_live("prefill", rr.deadline, rr.placements <= 1)
         hashes = block_hashes(tokens, self.block_size)
         load = pick_prefill([h.load for h in live if h.load is not None], hashes,
                             self.block_size)
         return self.registry.workers[load.worker_id], hashes
 
     async def colocated_worker(self, rr: RouterRequest) -> WorkerHandle:
-        live = await self.registry.wait_live("colocated", rr.deadline)
+        live = await self.registry.wait_live("colocated", rr.deadline, rr.placements <= 1)
         return min(live, key=lambda h: (h.est_usage(), len(h.requests)))

@@ -14,8 +14,11 @@ Node loss: a node's death fails the lifelines of every worker on it; each is cou
 included), so Ray puts it on another node that offers them -- or keeps it pending until
 one joins. While a spawn is pending the registry checks every CAPACITY_POLL_S whether
 any alive node could host it at all (router/node_resources.py); if none can, the role
-is *unplaceable*: requests needing it fail at once with NoWorkersError (UNAVAILABLE)
-and the reason, rather than wait for a worker that cannot start, until a node joins.
+is *unplaceable*: new requests needing it fail at once with NoWorkersError
+(UNAVAILABLE) and the reason, rather than wait for a worker that cannot start, until a
+node joins. Requests already under way that are being placed again (their worker was on
+the lost node) keep waiting, within their deadline and worker_wait_s: a node that
+comes back in that time (a replaced spot instance) loses none of them.
 """
 
 from __future__ import annotations
@@ -197,9 +200,12 @@ class WorkerRegistry:
         """Workers of the role on their way (spawning, or replacements between tries)."""
         return self._starting.get(role, 0) + self._replacing.get(role, 0)
 
-    async def wait_live(self, role: str, deadline: float) -> list[WorkerHandle]:
+    async def wait_live(self, role: str, deadline: float, fail_fast: bool = True
+                        ) -> list[WorkerHandle]:
         """Live workers of the role; if there are none but one is starting (a
-        replacement), wait for it until ``deadline`` (loop time) or worker_wait_s."""
+        replacement), wait for it until ``deadline`` (loop time) or worker_wait_s.
+        ``fail_fast``: if no alive node can host the one starting, raise at once (new
+        requests); otherwise wait for a node to join (requests placed again)."""
         loop = asyncio.get_running_loop()
         until = min(deadline, loop.time() + self.config.worker_wait_s)
         async with self._changed:
@@ -207,12 +213,14 @@ class WorkerRegistry:
                 live = self.live(role)
                 if live:
                     return live
-                if role in self.unplaceable:  # waiting could not help: say why now
+                if fail_fast and role in self.unplaceable:  # only a new node would help
                     raise NoWorkersError(f"no {role} worker is alive: "
                                          f"{self.unplaceable[role]}")
                 left = until - loop.time()
                 if self._closing or not self.starting(role) or left <= 0:
-                    raise NoWorkersError(f"no {role} worker is alive")
+                    why = self.unplaceable.get(role)
+                    raise NoWorkersError(f"no {role} worker is alive"
+                                         + (f": {why}" if why else ""))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=left)
 
