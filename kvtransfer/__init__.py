@@ -25,8 +25,10 @@ from kvtransfer.base import (
     KVTransferTimeout,
     TransferHandle,
     check_handle,
+    check_spec,
     sent_handle,
     spec_of,
+    spec_of_blocks,
     torch_dtype,
 )
 from kvtransfer.peer import KVPeer, PeerMessage
@@ -83,9 +85,11 @@ __all__ = [
     "PeerMessage",
     "TransferHandle",
     "check_handle",
+    "check_spec",
     "make_receiver",
     "make_sender",
     "sent_handle",
     "spec_of",
+    "spec_of_blocks",
     "torch_dtype",
 ]

@@ -45,16 +45,39 @@ __all__ = [
     "TransferHandle",
     "check_counts",
     "check_handle",
+    "check_spec",
     "sent_handle",
     "spec_of",
+    "spec_of_blocks",
     "torch_dtype",
 ]
 
 
 def spec_of(layout: KVLayout) -> KVSpec:
-    """The spec of an engine's cache layout."""
-    return KVSpec(tuple(layout.block_shape), str(layout.dtype).removeprefix("torch."),
-                  layout.dtype.itemsize)
+    """The spec of an engine's cache layout (its storage dtype: int8 for an int8 cache)."""
+    dtype = layout.storage_dtype
+    return KVSpec(tuple(layout.block_shape), str(dtype).removeprefix("torch."),
+                  dtype.itemsize, layout.scale_layout)
+
+
+def spec_of_blocks(blocks: torch.Tensor) -> KVSpec:
+    """The spec of a cache or staging tensor (n, *block_shape): what a sender holds.
+    Equal to spec_of(layout) for the engine the tensor belongs to."""
+    from kernels.kv_quant import SCALE_LAYOUT, is_quantized
+
+    return KVSpec(tuple(blocks.shape[1:]), str(blocks.dtype).removeprefix("torch."),
+                  blocks.element_size(), SCALE_LAYOUT if is_quantized(blocks.dtype) else "")
+
+
+def check_spec(request_id: str, cache: torch.Tensor, dest: Endpoint) -> None:
+    """Senders call this before moving anything: refuses a destination whose cache does
+    not hold blocks like ours (an int8 prefill worker and an fp32 decode worker)."""
+    ours = spec_of_blocks(cache)
+    if ours != dest.spec:
+        raise KVTransferError(
+            f"request {request_id}: KV layout mismatch: this sender has {ours.describe()}, "
+            f"decode worker {dest.worker_id} has {dest.spec.describe()}; start both with the "
+            "same --kv-cache-dtype")
 
 
 def torch_dtype(spec: KVSpec) -> torch.dtype:
@@ -67,8 +90,8 @@ def check_handle(handle: TransferHandle, spec: KVSpec, dest_block_ids: list[int]
     """Raise KVTransferError unless the handle fits this receiver and its reservation."""
     if handle.spec != spec:
         raise KVTransferError(
-            f"request {handle.request_id}: KV layout mismatch: sender {handle.spec} vs "
-            f"receiver {spec}")
+            f"request {handle.request_id}: KV layout mismatch: sender {handle.spec.describe()}"
+            f" vs receiver {spec.describe()}")
     if handle.num_blocks != len(dest_block_ids):
         raise KVTransferError(
             f"request {handle.request_id}: {handle.num_blocks} blocks sent, "
@@ -84,9 +107,11 @@ def check_counts(request_id: str, src_block_ids: list[int], dest_block_ids: list
 def sent_handle(request_id: str, backend: str, dest: Endpoint, staging: torch.Tensor,
                 started: float, payload: Any = None) -> TransferHandle:
     """The handle of a finished send of ``staging`` (n, *block_shape), begun at
-    ``started`` (time.perf_counter)."""
+    ``started`` (time.perf_counter). Its spec is the sender's blocks' own (so the
+    receiver's check_handle compares the two ends, not the endpoint with itself)."""
     return TransferHandle(
-        request_id=request_id, backend=backend, spec=dest.spec, num_blocks=staging.shape[0],
+        request_id=request_id, backend=backend, spec=spec_of_blocks(staging),
+        num_blocks=staging.shape[0],
         nbytes=staging.numel() * staging.element_size(), payload=payload,
         send_seconds=time.perf_counter() - started,
     )

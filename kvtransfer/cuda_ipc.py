@@ -37,6 +37,7 @@ from kvtransfer.base import (
     KVTransferError,
     TransferHandle,
     check_counts,
+    check_spec,
     torch_dtype,
 )
 from kvtransfer.block_copy import copy_blocks
@@ -185,6 +186,7 @@ class CudaIpcSender(KVSender):
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
         check_counts(request_id, src_block_ids, dest_block_ids)
+        check_spec(request_id, cache, dest)
         path, dev = self._path(dest)
         self.last_path = path
         if path == "nccl":
@@ -200,6 +202,7 @@ class CudaIpcSender(KVSender):
             done = self._copy_across(cache, src_block_ids, remote, dest_block_ids)
         done.synchronize()  # this copy only: in place before the router starts decoding
         n = len(src_block_ids)
+        # check_spec above: our blocks' spec is the destination's.
         return TransferHandle(request_id=request_id, backend=self.backend, spec=dest.spec,
                               num_blocks=n, nbytes=n * dest.spec.block_nbytes(),
                               send_seconds=time.perf_counter() - t0)

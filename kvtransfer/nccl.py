@@ -57,6 +57,7 @@ from kvtransfer.base import (
     KVTransferTimeout,
     TransferHandle,
     check_counts,
+    check_spec,
     sent_handle,
     torch_dtype,
 )
@@ -296,6 +297,7 @@ class NcclSender(KVSender):
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
         check_counts(request_id, src_block_ids, dest_block_ids)
+        check_spec(request_id, cache, dest)
         t0 = time.perf_counter()
         peer = self.peer(dest, cache.device)
         ids = torch.tensor(src_block_ids, dtype=torch.long, device=cache.device)

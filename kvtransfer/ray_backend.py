@@ -25,6 +25,7 @@ from kvtransfer.base import (
     KVTransferError,
     KVTransferTimeout,
     TransferHandle,
+    check_spec,
     sent_handle,
     torch_dtype,
 )
@@ -40,9 +41,11 @@ class RaySender(KVSender):
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
+        check_spec(request_id, cache, dest)
         t0 = time.perf_counter()
         ids = torch.tensor(src_block_ids, dtype=torch.long, device=cache.device)
-        staging = gather_blocks(cache, ids).cpu()  # (n, L, 2, bs, Hkv, D) contiguous
+        # (n, L, 2, bs, Hkv, row) contiguous: an int8 cache's scales are bytes of its rows
+        staging = gather_blocks(cache, ids).cpu()
         # Raw bytes: numpy has no bfloat16, and bytes are all the receiver needs.
         ref = ray.put(staging.view(torch.uint8).numpy())
         return sent_handle(request_id, self.backend, dest, staging, t0, payload=[ref])

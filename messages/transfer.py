@@ -21,12 +21,24 @@ class KVTransferTimeout(KVTransferError):
 
 @dataclass(frozen=True)
 class KVSpec:
-    """What both ends of a transfer must agree on: one block's shape and element type
-    (kvtransfer.spec_of builds it from an engine's KVLayout)."""
+    """What both ends of a transfer must agree on: one block's shape, element type and
+    scale layout (kvtransfer.spec_of builds it from an engine's KVLayout).
 
-    block_shape: tuple[int, ...]  # (num_layers, 2, block_size, kv_heads, head_dim)
-    dtype: str  # torch dtype name, e.g. "float32"
+    A quantized cache (``--kv-cache-dtype int8``/``fp8``) has ``dtype`` "int8" or
+    "float8_e4m3fn", rows of head_dim values plus a 4-byte fp32 scale (block_shape's
+    last entry is head_dim + 4) and ``scales`` "fp32-per-token-head": the scales are
+    bytes of the block and travel with it on every backend. Two ends that differ in any
+    field -- an int8 prefill worker and an fp32 decode worker -- are refused."""
+
+    block_shape: tuple[int, ...]  # (num_layers, 2, block_size, kv_heads, row)
+    dtype: str  # torch dtype name of the stored values, e.g. "float32", "int8"
     itemsize: int  # bytes per element, so sizes are known without torch
+    scales: str = ""  # "" (not quantized) or how scales are stored, e.g. "fp32-per-token-head"
+
+    def describe(self) -> str:
+        """For error messages: "int8 KV (fp32-per-token-head scales), blocks of (...)"."""
+        kind = f"{self.dtype} KV" + (f" ({self.scales} scales)" if self.scales else "")
+        return f"{kind}, blocks of {self.block_shape}"
 
     def block_nbytes(self) -> int:
         n = self.itemsize
