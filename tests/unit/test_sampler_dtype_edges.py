@@ -1,0 +1,94 @@
+"""Sampler edges in types, copies and devices that the mutation run found untested: ids
+and logprobs come back as Python ints and floats whatever the batch mix, penalties
+never write into the caller's logits (fp32 input included) and always return fp32,
+logprobs of half-precision logits are computed in fp32, a row with an empty prompt or
+output beside others, and a truncation that must stay on the logits' device (the meta
+device stands in for an accelerator: a CPU tensor mixed into it is an error)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampler import Sampler, SamplingRow, _min_p_, _top_k_, apply_penalties
+from engine.sampling_params import SamplingParams
+
+V = 32
+
+
+def logits(seed: int, n: int = 3, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("temps", [(0.0, 0.0, 0.0), (1.0, 0.0, 0.7), (1.0, 0.5, 2.0)])
+def test_ids_and_logprobs_are_python_numbers(temps: tuple[float, ...]) -> None:
+    rows = [SamplingRow(SamplingParams(temperature=t, logprobs=2), [1], [2]) for t in temps]
+    out = Sampler(seed=3)(logits(1), rows)
+    for t in out:
+        assert type(t.token_id) is int and 0 <= t.token_id < V
+        assert type(t.logprob) is float
+        assert all(type(i) is int and type(lp) is float for i, lp in t.top_logprobs)
+
+
+def test_penalties_never_write_into_fp32_logits() -> None:
+    x = logits(2)
+    before = x.clone()
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=1.0,
+                            presence_penalty=0.5)
+    out = apply_penalties(x, [SamplingRow(params, [0, 1], [2, 2])] * 3)
+    assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
+    assert not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_penalties_return_fp32_whatever_the_logits_dtype(dtype: torch.dtype) -> None:
+    params = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    out = apply_penalties(logits(3, dtype=dtype), [SamplingRow(params, [], [4])] * 3)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, apply_penalties(logits(3, dtype=dtype).float(),
+                                            [SamplingRow(params, [], [4])] * 3))
+
+
+def test_logprobs_of_half_logits_are_computed_in_fp32() -> None:
+    x = logits(4, dtype=torch.bfloat16)
+    out = Sampler()(x, [SamplingRow(SamplingParams(temperature=0.0, logprobs=3), [], [])] * 3)
+    want = x.float().log_softmax(-1)
+    for i, t in enumerate(out):
+        assert t.logprob == want[i, t.token_id].item()  # exact: the same fp32 math
+        assert [lp for _, lp in t.top_logprobs] == want[i].topk(3).values.tolist()
+
+
+def test_repetition_penalty_on_a_first_step_and_an_empty_prompt() -> None:
+    """No output yet (the first decode step) in one row, no prompt in another."""
+    x = torch.zeros(2, V)
+    x[:, 5] = 2.0
+    x[:, 6] = 1.5
+    rows = [SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0), [5], []),
+            SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0), [], [5])]
+    out = apply_penalties(x, rows)
+    assert out[0, 5].item() == out[1, 5].item() == 1.0 and out[0, 6].item() == 1.5
+    assert [t.token_id for t in Sampler()(x, rows)] == [6, 6]
+
+
+def test_presence_penalty_counts_a_token_once_and_frequency_every_time() -> None:
+    x = torch.zeros(1, V)
+    params = SamplingParams(temperature=0.0, frequency_penalty=0.25, presence_penalty=1.0)
+    out = apply_penalties(x, [SamplingRow(params, [9], [3, 3, 3, 7])])
+    assert out[0, 3].item() == -1.75 and out[0, 7].item() == -1.25
+    assert out[0, 9].item() == 0.0  # the prompt counts for neither
+
+
+def test_top_k_edges() -> None:
+    x = torch.tensor([[4.0, 3.0, 3.0, 1.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    _top_k_(x, [2, 4, 3])  # row 0: ties with the 2nd largest stay; row 1: k = V masks none
+    inf = float("-inf")
+    assert x.tolist() == [[4.0, 3.0, 3.0, inf], [4.0, 3.0, 2.0, 1.0], [inf, 2.0, 3.0, 4.0]]
+    y = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    _top_k_(y, [1, 0])  # k = 0: off
+    assert y.tolist() == [[inf, 2.0], [2.0, 1.0]]
+
+
+def test_min_p_stays_on_the_logits_device() -> None:
+    probs = torch.empty(2, V, device="meta")
+    _min_p_(probs, [0.5, 0.0])  # the per-row scales must be made on the meta device too
+    assert probs.device.type == "meta"
