@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine.config import ConfigError
 from router.cli import parser
 from router.config import RouterConfig
+from router.errors import NoWorkersError
 from router.node_resources import demand, parse_resources, unplaceable_reason
 from router.settings import settings_from_args
+from router.worker_registry import WorkerRegistry
 from router.worker_spawn import worker_options
 
 
@@ -47,7 +51,7 @@ def test_bad_resources_flag_is_a_config_error_naming_it(text: str, says: str) ->
 
 
 def test_config_file_values_are_checked_too() -> None:
-    with pytest.raises(ConfigError, match="RouterConfig.prefill_resources"):
+    with pytest.raises(ConfigError, match=r"RouterConfig\.prefill_resources"):
         RouterConfig(prefill_resources={"x": float("nan")})
     assert RouterConfig(colocated_resources={"a": 1}).worker_resources("colocated") == {
         "a": 1.0}
@@ -73,3 +77,25 @@ def test_unplaceable_only_when_no_alive_node_covers_the_demand() -> None:
     # Enough of the custom resource but too few CPUs on that node.
     assert unplaceable_reason("decode", {"CPU": 2.0, "decode_node": 1.0},
                               [_node(True, CPU=1, decode_node=1)]) is not None
+
+
+def test_unplaceable_role_fails_new_requests_at_once_and_keeps_replaced_ones_waiting(
+        ) -> None:
+    async def go() -> tuple[str, str]:
+        registry = WorkerRegistry(RouterConfig(worker_wait_s=60))
+        registry._starting["decode"] = 1  # a replacement pending in Ray
+        registry.unplaceable["decode"] = "no alive Ray node can host a decode worker (x)"
+        loop = asyncio.get_running_loop()
+        with pytest.raises(NoWorkersError) as new:  # a first attempt: at once
+            await registry.wait_live("decode", loop.time() + 30)
+        waiter = asyncio.ensure_future(  # a request placed again: waits for capacity
+            registry.wait_live("decode", loop.time() + 0.3, fail_fast=False))
+        await asyncio.sleep(0.1)
+        assert not waiter.done()
+        with pytest.raises(NoWorkersError) as later:  # ... until its deadline
+            await waiter
+        return str(new.value), str(later.value)
+
+    new, later = asyncio.run(go())
+    assert "no alive Ray node can host a decode worker" in new
+    assert "no alive Ray node can host a decode worker" in later
