@@ -96,6 +96,9 @@ class FakeActor:
     pending: set[asyncio.Future[Any]] = field(default_factory=set)
     free_blocks: list[int] = field(default_factory=list)
     reserved: dict[str, list[int]] = field(default_factory=dict)
+    # The request as a reservation creates it (the engine's reserve takes its params;
+    # start runs it with them).
+    reserved_params: dict[str, Any] = field(default_factory=dict)
     running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
     aborted: set[str] = field(default_factory=set)
     sent_to: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # prefill: KV dest
@@ -210,6 +213,7 @@ class FakeActor:
         here = False
         if request_id in self.reserved:
             self._free(self.reserved.pop(request_id))
+            self.reserved_params.pop(request_id, None)
             here = True
         st = self.running.pop(request_id, None)
         if st is not None:
@@ -227,6 +231,7 @@ class FakeActor:
         blocks = self._take(-(-len(tokens) // 16))
         if blocks is not None:
             self.reserved[request_id] = blocks
+            self.reserved_params[request_id] = params
         return blocks
 
     async def _start(self, request_id: str, first_token: int, handle: TransferHandle,
@@ -234,15 +239,16 @@ class FakeActor:
         self._record("start", request_id)
         await self.start_gate.wait()
         blocks = self.reserved.pop(request_id, None)
+        params = self.reserved_params.pop(request_id, None)
         if blocks is None:
             raise KVTransferError(f"{request_id}: no reservation on {self.worker_id}")
         if self.fail_next_start:
             self.fail_next_start = False
             self._free(blocks)
             raise KVTransferError("the KV did not arrive (fake)")
-        seq, max_tokens = handle.payload
-        self.running[request_id] = {"seq": [*seq, first_token], "left": max_tokens - 1,
-                                    "blocks": blocks}
+        seq = handle.payload
+        self.running[request_id] = {"seq": [*seq, first_token],
+                                    "left": params.max_tokens - 1, "blocks": blocks}
 
     async def _generate(self, request_id: str, tokens: list[int], params: Any) -> None:
         self._record("generate", request_id)
@@ -323,7 +329,7 @@ class FakeActor:
             return PrefillResult(rid, first, None, "length", cached, None,
                                  queue_s, prefill_s, transfer_s)
         handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), nbytes,
-                                payload=(list(task.token_ids), task.params.max_tokens))
+                                payload=list(task.token_ids))
         return PrefillResult(rid, first, None, None, cached, handle,
                              queue_s, prefill_s, transfer_s)
 

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 
 from engine.sampling_params import SamplingParams
-from messages import PoolState, TokenEvent
+from messages import PoolState, PrefillAborted, TokenEvent
 from messages.transfer import KVTransferError
 from router import placement as placement_mod
 from router.core import Router
@@ -78,10 +78,31 @@ def test_colocated_cancel_aborts_the_worker(cluster: FakeCluster) -> None:
         task = asyncio.ensure_future(collect(router, params=LONG, request_id="c"))
         await until(lambda: "c" in router.requests
                     and len(router.requests["c"].generated) > 2, "decoding")
+        assert router.requests["c"].phase is Phase.DECODING
+        assert router.requests["c"].worker == w.worker_id
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await settle(router, cluster)
         assert ("abort", "c@1") in w.calls
+        await router.shutdown()
+    run(go())
+
+
+def test_colocated_stop_string_at_router_aborts_the_worker(cluster: FakeCluster) -> None:
+    """The router matches the stop string while the worker, still decoding, holds the
+    request: the worker must be told, or it decodes to max_tokens for nobody."""
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        w = cluster.live("colocated")[0]
+        assert router.tokenizer is not None
+        want = expected(PROMPT, 5000)
+        params = SamplingParams(temperature=0.0, max_tokens=5000, ignore_eos=True,
+                                stop=(router.tokenizer.decode(want[5:7]),))
+        toks, final = await collect(router, params=params, request_id="s")
+        assert final.finish_reason == "stop" and 0 < len(toks) < 5000
+        assert toks == want[:len(toks)]
+        await until(lambda: ("abort", "s@1") in w.calls, "the worker told")
+        await settle(router, cluster)
         await router.shutdown()
     run(go())
 
@@ -142,9 +163,12 @@ def test_first_token_that_ends_the_request_frees_the_reservation(cluster: FakeCl
     async def go() -> None:
         router = await start(cluster)
         decode = cluster.live("decode")[0]
+        events = record_events(router)
+        cluster.live("prefill")[0].prefill_report = (0, 0.0, 0.0, 0.0, 1000)
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         toks, final = await collect(router, params=one, request_id="o")
         assert toks == expected(PROMPT, 1) and final.finish_reason == "length"
+        assert events["o"].transfer_bytes == 0  # no KV shipped
         await settle(router, cluster)
         assert ("abort", "o@1") in decode.calls and ("start", "o@1") not in decode.calls
         await router.shutdown()
@@ -208,6 +232,24 @@ def test_attempts_are_bounded_and_the_last_reason_told(cluster: FakeCluster) -> 
                            match=f"after {MAX_PLACEMENTS} attempts.*never arrives"):
             await collect(router, request_id="b")
         assert sum(m == "prefill" for m, _ in prefill.calls) == MAX_PLACEMENTS
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_prefill_aborted_every_time_fails_with_its_reason(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill = cluster.live("prefill")[0]
+        real = prefill._prefill
+
+        async def drained(task):  # type: ignore[no-untyped-def]
+            prefill.fail_next_prefill = PrefillAborted("the worker drains")
+            return await real(task)
+        prefill._prefill = drained  # type: ignore[method-assign]
+        with pytest.raises(RequestFailedError,
+                           match=f"prefill on {prefill.worker_id} was aborted"):
+            await collect(router, request_id="a")
         await settle(router, cluster)
         await router.shutdown()
     run(go())
