@@ -91,8 +91,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     xfer.add_argument("--out", default="bench/results/transfer-cpu.json")
     xfer.set_defaults(func=cmd_transfer)
 
+    over = sub.add_parser("overhead", help="the service path's cost against offline")
+    over.add_argument("--runs", type=int, default=3)
+    over.add_argument("--threads", type=int, default=2, help="torch threads in all")
+    over.add_argument("--streams", type=int, nargs="+", default=[32],
+                      help="concurrencies for the CPU split (32 is W2, always run)")
+    over.add_argument("--modes", nargs="+", default=["offline", "colocated", "1p1d"],
+                      choices=("offline", "colocated", "1p1d"))
+    over.add_argument("--profile", action="store_true",
+                      help="py-spy the router and workers once per concurrency")
+    over.add_argument("--model", default="smollm2-135m")
+    over.add_argument("--out", default="bench/results/overhead-cpu.json")
+    over.set_defaults(func=cmd_overhead)
+
     args = p.parse_args(argv)
     return int(args.func(args))
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from bench.overhead import OverheadConfig, run
+
+    cfg = OverheadConfig(model=args.model, runs=args.runs, threads=args.threads,
+                         streams=tuple(args.streams), profile=args.profile,
+                         out=Path(args.out), modes=tuple(args.modes))
+    result = run(cfg)
+    print(json.dumps({k: result.get(k) for k in ("tokens_per_s", "ratio_to_offline")},
+                     indent=1))
+    return 0
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:

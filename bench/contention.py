@@ -11,6 +11,12 @@ the interference that separate workers cannot remove because they share the sock
 (memory bandwidth, caches), whatever the serving system does.
 
     python -m bench.contention [--batch 8] [--seconds 15] [--out bench/results/...]
+
+``--serving`` measures what a client sees instead (bench/contention_serving.py): inter-
+token gap p99 of steady streams on a running deployment, calm vs. while long prompts
+arrive in bursts, median of three runs each:
+
+    python -m bench.contention --serving [--mode disaggregated] [--runs 3]
 """
 
 from __future__ import annotations
@@ -70,7 +76,16 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=1536)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--out", default="bench/results/contention-cpu.json")
+    ap.add_argument("--serving", action="store_true",
+                    help="client ITL p99 under bursts vs calm on a served deployment")
+    ap.add_argument("--mode", default="disaggregated", choices=("disaggregated", "colocated"))
+    ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    if args.serving:
+        from bench.contention_serving import main as serving_main
+
+        out = args.out if args.out != ap.get_default("out") else None
+        return serving_main(args.mode, args.runs, out)
     ctx = mp.get_context("spawn")
     start, stop, done = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
     other = ctx.Process(target=prefill_loop, args=(start, stop, args.prompt, done))

@@ -36,7 +36,7 @@ from router.errors import QueueFullError
 from router.lifecycle import Lifecycle
 from router.placement import Placement
 from router.request_state import Delta, Final, RouterRequest
-from router.streams import StreamConsumer
+from router.streams import StreamConsumer, coalesce
 from router.worker_handle import WorkerHandle
 from router.worker_registry import WorkerRegistry
 
@@ -105,9 +105,13 @@ class Router:
         the request. ``timeout_s`` (default: request_timeout_s) bounds every wait."""
         rr = self._admit(prompt_token_ids, params, request_id, timeout_s)
         rr.task = asyncio.get_running_loop().create_task(self.lifecycle.drive(rr))
+        behind: Delta | Final | BaseException | None = None  # taken out by a merge
         try:
             while True:
-                item = await rr.queue.get()
+                item = behind if behind is not None else await rr.queue.get()
+                behind = None
+                if isinstance(item, Delta):  # one message for all the client missed
+                    item, behind = coalesce(item, rr.queue)
                 if isinstance(item, BaseException):
                     raise item
                 yield item

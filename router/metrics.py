@@ -19,6 +19,7 @@ units, ``_total`` on counters. Prefix-cache counters count KV blocks.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -42,6 +43,7 @@ from router.request_state import RouterRequest
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from messages.stats import WorkerStats
     from router.core import Router
     from router.worker_handle import WorkerHandle
 
@@ -72,6 +74,20 @@ def transfer_seconds(rr: RouterRequest) -> float:
     """The KV hand-off, both ends: the prefill worker gathering and sending it, the decode
     worker fetching and scattering it into its blocks."""
     return rr.events.transfer_seconds + rr.events.import_seconds
+
+
+def observe_many(h: Histogram, value: float, n: int) -> None:
+    """``h.observe(value)`` n times, at the cost of one: a bucket found once, one add of
+    n to it and of n * value to the sum (prometheus_client's observe has no count; this
+    uses its per-bucket counters, falling back to n calls should they ever change)."""
+    bounds, buckets, total = (getattr(h, "_upper_bounds", None), getattr(h, "_buckets", None),
+                              getattr(h, "_sum", None))
+    if bounds is None or buckets is None or total is None:
+        for _ in range(n):
+            h.observe(value)
+        return
+    total.inc(value * n)
+    buckets[bisect.bisect_left(bounds, value)].inc(n)
 
 
 class Metrics:
@@ -135,9 +151,7 @@ class Metrics:
         """``num_tokens`` arrived ``gap_s`` after the previous ones of the same request.
         Tokens that arrive together share the gap, so the mean stays the per-token time."""
         if num_tokens > 0:
-            per = gap_s / num_tokens
-            for _ in range(num_tokens):
-                self.itl.observe(per)
+            observe_many(self.itl, gap_s / num_tokens, num_tokens)
 
     def count_request(self, finish_reason: str, code: str) -> None:
         self.requests.labels(finish_reason, code).inc()
@@ -189,6 +203,10 @@ class WorkerCollector(Collector):
             PREFIX + "kv_blocks", "The worker's KV blocks by owner: free, cached (prefix "
             "cache, evictable), running, reserved (awaiting their KV), transfer (being "
             "shipped). They sum to the usable blocks.", labels=[*labels, "owner"])
+        pool_bytes = GaugeMetricFamily(
+            PREFIX + "kv_pool_bytes", "Bytes of the worker's usable KV pool (blocks x "
+            "bytes per block, scales included).", labels=labels)
+        spill = SpillFamilies(labels)
         now = time.monotonic()
         seen: set[tuple[str, str]] = set()
         for h in self.router.workers():
@@ -204,6 +222,8 @@ class WorkerCollector(Collector):
             queries.add_metric(key, s.prefix_queries)
             hits.add_metric(key, s.prefix_hits)
             preemptions.add_metric(key, s.num_preemptions)
+            pool_bytes.add_metric(key, s.num_usable_blocks * s.engine.kv_block_bytes)
+            spill.add(key, s)
             if s.pool is not None:
                 for owner, n in dataclasses.asdict(s.pool).items():
                     if owner != "usable":
@@ -218,7 +238,8 @@ class WorkerCollector(Collector):
                 del self._departed[key]
             else:
                 up.add_metric(key, 0.0)
-        yield from (up, running, waiting, usage, queries, hits, preemptions, owners)
+        yield from (up, running, waiting, usage, queries, hits, preemptions, owners,
+                    pool_bytes, *spill.families())
         yield GaugeMetricFamily(PREFIX + "num_requests_in_flight",
                                 "Requests admitted by the router and not finished.",
                                 value=len(self.router.requests))
@@ -244,6 +265,36 @@ class WorkerCollector(Collector):
                                   "Calls refused at admission because the deployment was at "
                                   "its in-flight bound (RESOURCE_EXHAUSTED).",
                                   value=self.router.admission.refused)
+
+
+class SpillFamilies:
+    """The prefix cache's spill tier per worker (engine.kv_spill): hits per tier are
+    prefix_cache_hits (the pool) and kv_spill_hits (this tier)."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.hits = CounterMetricFamily(
+            PREFIX + "kv_spill_hits", "Prefix cache hits in the spill tier, in KV blocks "
+            "(restored into the pool instead of recomputed).", labels=labels)
+        self.spilled = CounterMetricFamily(
+            PREFIX + "kv_spilled_bytes", "Bytes of evicted prefix blocks copied into the "
+            "spill tier (as stored there: int8 on CPU).", labels=labels)
+        self.restored = CounterMetricFamily(
+            PREFIX + "kv_restored_bytes", "Bytes restored from the spill tier into the "
+            "KV pool (as stored there).", labels=labels)
+        self.blocks = GaugeMetricFamily(
+            PREFIX + "kv_spill_blocks", "KV blocks held in the spill tier.", labels=labels)
+
+    def add(self, key: tuple[str, str], s: WorkerStats) -> None:
+        e = s.engine
+        if not e.spill_capacity_bytes:
+            return  # no tier on this worker
+        self.hits.add_metric(key, e.spill_hits)
+        self.spilled.add_metric(key, e.spilled_bytes)
+        self.restored.add_metric(key, e.restored_bytes)
+        self.blocks.add_metric(key, e.spill_blocks)
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self.hits, self.spilled, self.restored, self.blocks)
 
 
 class StatsPoller:

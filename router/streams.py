@@ -19,11 +19,33 @@ from collections.abc import Awaitable, Callable
 
 from messages import StepBatch, TokenEvent
 from router.errors import RequestFailedError
-from router.request_state import AttemptEnd, RouterRequest
+from router.request_state import AttemptEnd, Delta, Final, RouterRequest
 from router.worker_handle import WorkerHandle
 from router.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
+QueueItem = Delta | Final | BaseException
+
+
+def coalesce(first: Delta, queue: asyncio.Queue[QueueItem]) -> tuple[Delta, QueueItem | None]:
+    """``first`` and every Delta queued right behind it, as one Delta (tokens, text and
+    logprobs in order), and the item that stopped the merge (a Final or an error; None
+    if the queue ran dry). A client that keeps up gets one message per step; one that
+    fell behind gets everything it missed in one message instead of one per step, so a
+    slow consumer costs fewer writes, not more."""
+    nxt: QueueItem | None = None
+    merged: Delta | None = None
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if not isinstance(nxt, Delta):
+            break
+        if merged is None:
+            merged = Delta(list(first.token_ids), first.text, list(first.logprobs))
+        merged.token_ids += nxt.token_ids
+        merged.text += nxt.text
+        merged.logprobs += nxt.logprobs
+        nxt = None
+    return (merged or first), nxt
 
 
 class StreamConsumer:

@@ -37,10 +37,13 @@ class TokenStream:
         an empty list). Steps that piled up while the consumer was busy coalesce."""
         self.bind()
         assert self._queue is not None
-        try:
-            events = await asyncio.wait_for(self._queue.get(), timeout=timeout_s)
-        except TimeoutError:
-            events = []
+        if not self._queue.empty():  # the busy case: no timer, no task (wait_for's cost)
+            events = self._queue.get_nowait()
+        else:
+            try:
+                events = await asyncio.wait_for(self._queue.get(), timeout=timeout_s)
+            except TimeoutError:
+                events = []
         while not self._queue.empty():
             events += self._queue.get_nowait()
         return events

@@ -1,0 +1,102 @@
+"""A client that falls behind gets the tokens it missed in one message (router/streams.py
+``coalesce``): same tokens, same order, same text and logprobs, same usage -- fewer
+messages. One that keeps up still gets every step on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.sampling_params import SamplingParams
+from messages import TokenLogprobs
+from router.request_state import Delta, Final, Usage
+from router.streams import QueueItem, coalesce
+from tests.unit.router_fakes import FakeCluster
+from tests.unit.test_router_lifecycle import PROMPT, cluster, expected, run, settle, start
+
+__all__ = ["cluster"]  # the fixture, imported for the tests below
+
+
+def lp(x: float) -> TokenLogprobs:
+    return TokenLogprobs(x, [])
+
+
+def test_queued_deltas_merge_in_order_and_stop_at_the_final() -> None:
+    q: asyncio.Queue[QueueItem] = asyncio.Queue()
+    first = Delta([1], "a", [lp(-1.0)])
+    q.put_nowait(Delta([2, 3], "bc", [lp(-2.0), lp(-3.0)]))
+    q.put_nowait(Delta([], "d", []))  # text released without a token (held back before)
+    q.put_nowait(Delta([4], "", [lp(-4.0)]))
+    final = Final("length", Usage(5, 4, 0))
+    q.put_nowait(final)
+    q.put_nowait(Delta([99], "never merged past a final", []))
+    merged, behind = coalesce(first, q)
+    assert merged.token_ids == [1, 2, 3, 4]
+    assert merged.text == "abcd"
+    assert [x.logprob for x in merged.logprobs] == [-1.0, -2.0, -3.0, -4.0]
+    assert behind is final
+    assert first.token_ids == [1] and first.text == "a"  # the queued item is not mutated
+    assert q.qsize() == 1
+
+
+def test_an_error_behind_the_deltas_is_handed_back_not_swallowed() -> None:
+    q: asyncio.Queue[QueueItem] = asyncio.Queue()
+    err = RuntimeError("worker failed")
+    q.put_nowait(Delta([2], "b", []))
+    q.put_nowait(err)
+    merged, behind = coalesce(Delta([1], "a", []), q)
+    assert merged.token_ids == [1, 2] and behind is err
+    merged, behind = coalesce(Delta([7], "x", []), asyncio.Queue())
+    assert merged.token_ids == [7] and behind is None
+
+
+def test_a_slow_client_gets_every_token_once_in_fewer_messages(cluster: FakeCluster) -> None:
+    run(slow_and_fast(cluster))
+
+
+async def slow_and_fast(cluster: FakeCluster) -> None:
+    router = await start(cluster)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    fast: list[int] = []
+    n_fast = 0
+    async for item in router.generate(PROMPT, params):
+        if isinstance(item, Delta):
+            fast += item.token_ids
+            n_fast += 1
+    slow: list[int] = []
+    n_slow = 0
+    final = None
+    async for item in router.generate(PROMPT, params):
+        if isinstance(item, Delta):
+            slow += item.token_ids
+            n_slow += 1
+            await asyncio.sleep(0.02)  # the fake worker steps every ms meanwhile
+        else:
+            final = item
+    assert slow == fast == expected(PROMPT, 40)
+    assert final is not None and final.usage.completion_tokens == 40
+    assert n_slow < n_fast  # merged: fewer messages for the same tokens
+    await settle(router, cluster)
+    await router.shutdown()
+
+
+def test_itl_observed_once_per_message_counts_like_one_observe_per_token() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from router.metrics import ITL_BUCKETS, observe_many
+
+    reg = CollectorRegistry()
+    many = Histogram("many", "", buckets=ITL_BUCKETS, registry=reg)
+    each = Histogram("each", "", buckets=ITL_BUCKETS, registry=reg)
+    # Values on bucket bounds, between them, below the first and past the last.
+    for value, n in [(0.002, 3), (0.0021, 1), (0.05, 4), (0.0, 2), (7.0, 5), (0.3, 1)]:
+        observe_many(many, value, n)
+        for _ in range(n):
+            each.observe(value)
+
+    def samples(name: str) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name.removeprefix(name), s.labels, round(s.value, 9))
+                for m in reg.collect() if m.name == name for s in m.samples
+                if not s.name.endswith("_created")]
+
+    assert samples("many") == samples("each")
+    assert samples("many")[-2][2] == 16  # _count: every token
