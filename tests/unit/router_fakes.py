@@ -37,6 +37,7 @@ from messages import (
     PrefillTask,
     StepBatch,
     TokenEvent,
+    TokenLogprobs,
     TransferHandle,
     WorkerStats,
 )
@@ -325,12 +326,14 @@ class FakeActor:
             raise exc
         cached, queue_s, prefill_s, transfer_s, nbytes = self.prefill_report
         first = next_token(task.token_ids)
+        lp = (TokenLogprobs(-0.5, [(first, -0.5)]) if task.params.logprobs is not None
+              else None)
         if task.params.max_tokens <= 1:  # the first token ends it: no KV to ship
-            return PrefillResult(rid, first, None, "length", cached, None,
+            return PrefillResult(rid, first, lp, "length", cached, None,
                                  queue_s, prefill_s, transfer_s)
         handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), nbytes,
                                 payload=list(task.token_ids))
-        return PrefillResult(rid, first, None, None, cached, handle,
+        return PrefillResult(rid, first, lp, None, cached, handle,
                              queue_s, prefill_s, transfer_s)
 
 

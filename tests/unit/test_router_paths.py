@@ -15,13 +15,13 @@ import dataclasses
 import pytest
 
 from engine.sampling_params import SamplingParams
-from messages import PoolState, PrefillAborted, TokenEvent
+from messages import PoolState, PrefillAborted, TokenEvent, TokenLogprobs
 from messages.transfer import KVTransferError
 from router import placement as placement_mod
 from router.core import Router
 from router.errors import RequestFailedError
 from router.lifecycle import MAX_PLACEMENTS
-from router.request_state import Events, Phase, RouterRequest
+from router.request_state import Delta, Events, Phase, RouterRequest
 from router.routing import block_hashes
 from tests.unit.router_fakes import FakeCluster
 from tests.unit.test_router_lifecycle import (
@@ -175,6 +175,41 @@ def test_first_token_that_ends_the_request_frees_the_reservation(cluster: FakeCl
     run(go())
 
 
+def test_first_token_matching_a_stop_string_ends_with_stop(cluster: FakeCluster) -> None:
+    """The first token (from the prefill) matches a stop string, and is also the last
+    one allowed: the stop string wins."""
+    async def go() -> None:
+        router = await start(cluster)
+        assert router.tokenizer is not None
+        first = expected(PROMPT, 1)[0]
+        for n in (1, 12):
+            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                    stop=(router.tokenizer.decode([first]),))
+            toks, final = await collect(router, params=params)
+            assert toks == [first] and final.finish_reason == "stop"
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_the_first_tokens_logprobs_reach_the_client_only_when_asked(
+        cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        for logprobs in (None, 1):
+            params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
+                                    logprobs=logprobs)
+            deltas = [item async for item in router.generate(PROMPT, params)
+                      if isinstance(item, Delta)]
+            assert deltas[0].token_ids == expected(PROMPT, 1)
+            want = [] if logprobs is None else [TokenLogprobs(-0.5, [(deltas[0].token_ids[0],
+                                                                        -0.5)])]
+            assert deltas[0].logprobs == want
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_migration_continues_token_identical_and_counts(cluster: FakeCluster) -> None:
     async def go() -> None:
         router = await start(cluster)
@@ -205,6 +240,13 @@ def test_prefill_reports_add_up_over_attempts(cluster: FakeCluster) -> None:
         events = record_events(router)
         prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
         prefill.prefill_report = (4, 0.5, 0.25, 0.125, 1000)
+        real = prefill._prefill
+
+        async def report_then_change(task):  # type: ignore[no-untyped-def]
+            res = await real(task)
+            prefill.prefill_report = (40, 0.5, 0.25, 0.125, 1000)  # the retry's own hit
+            return res
+        prefill._prefill = report_then_change  # type: ignore[method-assign]
         decode.fail_next_start = True
         toks, final = await collect(router, request_id="p")
         assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
