@@ -35,6 +35,7 @@ import ray
 
 from router.config import RouterConfig
 from router.errors import NoWorkersError
+from router.gpu_pairs import GpuPairs, wants_pairs
 from router.node_resources import demand, unplaceable_reason
 from router.worker_handle import WorkerHandle
 from router.worker_spawn import create_worker, worker_options
@@ -56,6 +57,10 @@ class WorkerRegistry:
         # role -> why no alive node can host its pending spawn (cleared once one can)
         self.unplaceable: dict[str, str] = {}
         self.lost: Counter[tuple[str, str]] = Counter()  # (role, reason) -> workers lost
+        # cuda-ipc with GPU fractions: prefill/decode pairs in one bundle each, so they
+        # share a GPU; a replacement takes the bundle its predecessor gave back.
+        self.pairs = GpuPairs(config) if wants_pairs(config, self.kv_transfer) else None
+        self._bundle: dict[str, int | None] = {}  # worker id -> its bundle in pairs
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -67,6 +72,8 @@ class WorkerRegistry:
             ray.init(address=self.config.ray_address, include_dashboard=False,
                      log_to_driver=True, ignore_reinit_error=True)
             self._owns_ray = True
+        if self.pairs is not None:
+            await self.pairs.create()
         roles = [r for r in self.config.roles for _ in range(self.config.num_workers(r))]
         await asyncio.gather(*(self.spawn(r) for r in roles))
 
@@ -79,6 +86,8 @@ class WorkerRegistry:
                 h.stream_task.cancel()
             self._kill(h)
         self.workers.clear()
+        if self.pairs is not None:
+            self.pairs.remove()
         if self._owns_ray:
             ray.shutdown()
 
@@ -86,9 +95,13 @@ class WorkerRegistry:
         """Create one worker actor and wait until it has loaded its model."""
         self._starting[role] = self._starting.get(role, 0) + 1
         capacity = asyncio.get_running_loop().create_task(self._watch_capacity(role))
+        bundle, placement = self.pairs.take(role) if self.pairs else (None, {})
         try:
             h = await create_worker(self.config, f"{role}-{next(self._ids)}", role,
-                                    self.kv_transfer)
+                                    self.kv_transfer, placement)
+        except BaseException:
+            self._give_back(role, bundle)
+            raise
         finally:
             capacity.cancel()
             self._starting[role] -= 1
@@ -96,6 +109,7 @@ class WorkerRegistry:
                 self.unplaceable.pop(role, None)
             await self._notify()
         self.workers[h.worker_id] = h
+        self._bundle[h.worker_id] = bundle
         h.on_lost = lambda: self.lose(h, "a call found it dead")
         self._spawn_task(self._watch_lifeline(h))
         for cb in self.on_started:
@@ -119,6 +133,7 @@ class WorkerRegistry:
         del self.workers[h.worker_id]
         h.mark_lost()
         self._kill(h)  # it may be half alive (unreachable node): make sure
+        self._give_back(h.role, self._bundle.pop(h.worker_id, None))
         if self._closing:
             return
         node = f" on node {h.node.node_id[:12]} ({h.node.node_address})" if h.node else ""
@@ -187,7 +202,8 @@ class WorkerRegistry:
 
     def retire(self, h: WorkerHandle) -> None:
         """Take a drained worker away for good (its replacement was started first)."""
-        self.workers.pop(h.worker_id, None)
+        if self.workers.pop(h.worker_id, None) is not None:
+            self._give_back(h.role, self._bundle.pop(h.worker_id, None))
         h.mark_lost()
         self._kill(h)
 
@@ -233,6 +249,10 @@ class WorkerRegistry:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+    def _give_back(self, role: str, bundle: int | None) -> None:
+        if self.pairs is not None:
+            self.pairs.give_back(role, bundle)
 
     @staticmethod
     def _kill(h: WorkerHandle) -> None:

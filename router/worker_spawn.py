@@ -36,8 +36,10 @@ def worker_options(config: RouterConfig, role: str) -> dict[str, Any]:
                          config.worker_resources(role))
 
 
-async def create_worker(config: RouterConfig, worker_id: str, role: str, kv_transfer: str
-                        ) -> WorkerHandle:
+async def create_worker(config: RouterConfig, worker_id: str, role: str, kv_transfer: str,
+                        placement: dict[str, Any] | None = None) -> WorkerHandle:
+    """``placement``: extra actor options that schedule it (a placement-group bundle,
+    router/gpu_pairs.py)."""
     wcfg = WorkerConfig(worker_id=worker_id, role=role, engine=config.worker_engine(role),
                         kv_transfer=kv_transfer, transfer_timeout_s=config.transfer_timeout_s,
                         watermark=config.decode_watermark)
@@ -46,7 +48,7 @@ async def create_worker(config: RouterConfig, worker_id: str, role: str, kv_tran
         "max_restarts": 0,
         # Admission keeps the calls to one actor under this: nothing queues inside Ray.
         "max_concurrency": config.admission_limit + CONTROL_CALLS,
-        **worker_options(config, role)}
+        **worker_options(config, role), **(placement or {})}
     actor = actor_class(role).options(**opts).remote(wcfg)
     try:
         await actor.ping.remote()

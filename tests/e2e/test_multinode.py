@@ -9,6 +9,8 @@ raylet and object store), prefill workers on one node and decode workers on anot
   node can host a decode worker, so health is NOT_SERVING and new calls are UNAVAILABLE
   with the reason; a decode node joins, the replacement starts there, and every request
   that was streaming finishes with exactly the offline engine's tokens (none lost).
+- GPU pairs (cuda-ipc): the placement group puts each prefill/decode pair on one GPU of
+  a node that declares GPUs, and a replacement takes its predecessor's bundle.
 
 The model is a tiny random-weight one (dummy:tiny-llama3, token-id prompts): each
 node loss loads a worker again, and the real checkpoint's load on a shared 2-core
@@ -21,27 +23,37 @@ import asyncio
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import pytest
+import ray
 from grpc_health.v1 import health
 
 from engine import LLM
 from engine.sampling_params import SamplingParams
 from router import wire
+from router.config import RouterConfig
 from router.errors import NoWorkersError
+from router.gpu_pairs import GpuPairs, wants_pairs
 from router.metrics import WorkerCollector
 from router.request_state import Delta, Final
 from router.server import HealthReporter
 from router.status import status_for
 from router.worker_handle import WorkerHandle
-from tests.e2e.multinode_fixtures import DECODE_NODE, PREFILL_NODE, SimCluster, wait_until
+from tests.e2e.multinode_fixtures import (
+    DECODE_NODE,
+    PREFILL_NODE,
+    STORE_BYTES,
+    SimCluster,
+    wait_until,
+)
 from tests.e2e.runtime_fixtures import RouterHarness, assert_clean, router_config
 
 MODEL = "dummy:tiny-llama3"
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 # Long enough that the node is killed mid-stream (a tiny model decodes fast).
-LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 N = 4  # requests in flight
 # Varied token-id prompts of 20..41 tokens (vocab 512; 0-2 are special).
 PROMPTS = [[(i * 37 + k * 11) % 500 + 3 for k in range(20 + i * 7)] for i in range(N)]
@@ -194,3 +206,47 @@ def test_decode_node_lost_with_a_spare_node_requests_move_there(
     assert "decode" not in registry.unplaceable
     dep.decode_node = spare
     assert_clean(dep.h)
+
+
+@ray.remote
+class _Probe:
+    """Stands where a worker would: reports the node and the GPU Ray gave it."""
+
+    def where(self) -> tuple[str, list[str]]:
+        return (ray.get_runtime_context().get_node_id(),
+                [str(g) for g in ray.get_gpu_ids()])
+
+
+def test_gpu_pairs_share_a_gpu_and_a_replacement_takes_its_bundle(dep: Deployment) -> None:
+    # A node that declares two GPUs (Ray assigns GPU ids by count; nothing here touches
+    # CUDA): the placement group for 2 prefill + 2 decode at 0.5 GPU each must put each
+    # pair on one GPU, the two pairs on the two GPUs.
+    gpu_node = dep.sim.cluster.add_node(num_cpus=4, num_gpus=2,
+                                        object_store_memory=STORE_BYTES)
+    dep.sim.cluster.wait_for_nodes()
+    cfg = RouterConfig(prefill_workers=2, decode_workers=2, gpus_per_worker=0.5)
+    assert wants_pairs(cfg, cfg.resolved_kv_transfer())  # auto picks cuda-ipc here
+    pairs = GpuPairs(cfg)
+    try:
+        dep.h.lt.run(pairs.create(), timeout=120)
+
+        def spawn(role: str) -> tuple[int | None, Any]:
+            bundle, opts = pairs.take(role)
+            return bundle, _Probe.options(num_gpus=0.5, num_cpus=1, **opts).remote()
+
+        placed = {(role, i): spawn(role) for i in range(2) for role in ("prefill", "decode")}
+        where = {k: ray.get(a.where.remote(), timeout=60) for k, (_, a) in placed.items()}
+        assert {node for node, _ in where.values()} == {gpu_node.node_id}
+        for i in range(2):
+            assert where[("prefill", i)][1] == where[("decode", i)][1]  # one GPU per pair
+        assert where[("prefill", 0)][1] != where[("prefill", 1)][1]
+
+        bundle, actor = placed[("prefill", 0)]  # prefill 0 dies; its replacement ...
+        ray.kill(actor, no_restart=True)
+        pairs.give_back("prefill", bundle)
+        again, replacement = spawn("prefill")
+        assert again == bundle  # ... lands in its bundle, next to decode 0
+        assert ray.get(replacement.where.remote(), timeout=60)[1] == where[("decode", 0)][1]
+    finally:
+        pairs.remove()
+        dep.sim.remove(gpu_node)
