@@ -1,4 +1,5 @@
-"""Moving KV blocks between workers: one interface (base.py), four backends.
+"""Moving KV blocks between workers: one interface (base.py), four backends and a per-pair
+choice of two of them.
 
 - ``ray``: through the Ray object store (CPU, any node).
 - ``cuda-ipc``: the decode worker's cache is opened by the prefill worker through CUDA
@@ -9,6 +10,8 @@
 - ``collective``: torch.distributed point-to-point send/recv over one 2-rank process
   group per (prefill, decode) pair -- gloo for CPU caches (CI runs it, across Ray
   actors and nodes), NCCL for CUDA caches: one code path (collective.py).
+- ``ray+collective``: ``--kv-transfer auto`` on CPU, chosen per pair: ``ray`` within a
+  Ray node, ``collective`` (gloo) across nodes (collective_auto.py says why).
 
 Importing this package does not import torch; a backend's module loads with the
 first make_sender / make_receiver for it.
@@ -51,6 +54,10 @@ def make_sender(backend: str, worker_id: str = "prefill") -> KVSender:
         from kvtransfer.collective import CollectiveSender
 
         return CollectiveSender(worker_id)
+    if backend == "ray+collective":
+        from kvtransfer.collective_auto import PerPairSender
+
+        return PerPairSender(worker_id)
     raise ValueError(f"unknown KV transfer backend {backend!r}")
 
 
@@ -71,6 +78,10 @@ def make_receiver(backend: str) -> KVReceiver:
         from kvtransfer.collective import CollectiveReceiver
 
         return CollectiveReceiver()
+    if backend == "ray+collective":
+        from kvtransfer.collective_auto import PerPairReceiver
+
+        return PerPairReceiver()
     raise ValueError(f"unknown KV transfer backend {backend!r}")
 
 

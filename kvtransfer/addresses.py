@@ -36,3 +36,12 @@ class CollectiveAddress:
     peer: Any
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class PerPairAddress:
+    """ray+collective: the decode worker's Ray node (a sender on the same node uses the
+    object store) and its collective address (a sender on another node uses gloo)."""
+
+    node_id: str
+    collective: CollectiveAddress

@@ -52,6 +52,7 @@ from kvtransfer.base import (
     KVTransferTimeout,
     TransferHandle,
     check_counts,
+    check_spec,
     sent_handle,
     torch_dtype,
 )
@@ -335,6 +336,7 @@ class CollectiveSender(KVSender):
         dest_block_ids: list[int], request_id: str,
     ) -> TransferHandle:
         check_counts(request_id, src_block_ids, dest_block_ids)
+        check_spec(request_id, cache, dest)
         t0 = time.perf_counter()
         pair = self.pair(dest, cache.device)
         staging = gather_request(cache, src_block_ids)

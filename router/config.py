@@ -18,7 +18,9 @@ class RouterConfig:
         that prefill and decode).
     gpus_per_worker: 0 on CPU; a fraction (e.g. 0.5) lets prefill and decode share a GPU.
     threads_per_worker: torch threads (and Ray CPUs) per worker on CPU.
-    kv_transfer: "auto" picks cuda-ipc on one GPU node, nccl across GPUs, ray on CPU.
+    kv_transfer: "auto" picks per pair: with a fraction of a GPU per worker cuda-ipc
+        (in place on a shared GPU, NCCL across two), with whole GPUs collective (NCCL),
+        on CPU ray+collective (the object store within a Ray node, gloo across nodes).
     max_queue: requests allowed to wait for KV room; beyond it new ones are refused.
     max_inflight: requests admitted at once (streaming, prefilling or waiting), for the
         whole deployment; beyond it a new call is refused at once with
@@ -93,11 +95,12 @@ class RouterConfig:
                               f"one of {', '.join(KV_BACKENDS)}")
         if self.kv_transfer in ("cuda-ipc", "nccl") and self.gpus_per_worker == 0:
             raise ConfigError(f"kv_transfer {self.kv_transfer} needs GPUs (gpus_per_worker > 0)")
-        if self.kv_transfer == "nccl" and self.gpus_per_worker < 1:
+        if self.kv_transfer in ("nccl", "collective") and 0 < self.gpus_per_worker < 1:
             # NCCL puts one rank on each GPU; workers of a fraction of a GPU may share one,
             # and the pair's communicator would then fail at its first transfer.
             raise ConfigError(
-                f"kv_transfer nccl needs a whole GPU per worker, not gpus_per_worker "
+                f"kv_transfer {self.kv_transfer} needs a whole GPU per worker, not "
+                f"gpus_per_worker "
                 f"{self.gpus_per_worker:g} (fractional workers can share a GPU, which NCCL "
                 "cannot span); use cuda-ipc or auto")
 
@@ -105,9 +108,13 @@ class RouterConfig:
         if self.kv_transfer != "auto":
             return self.kv_transfer
         if self.gpus_per_worker == 0:
-            return "ray"
+            # Per pair: the object store within a node, gloo across nodes -- the faster
+            # of the two in each case (kvtransfer/collective_auto.py, docs/benchmarks.md).
+            return "ray+collective"
         if self.gpus_per_worker >= 1:
-            return "nccl"  # every worker has GPUs of its own: never one to share
+            # Every worker has GPUs of its own, never one to share: NCCL through the
+            # collective backend (its protocol is the one CI runs with gloo).
+            return "collective"
         # A fraction: a prefill and a decode worker may share a GPU (CUDA IPC, in place),
         # or Ray may place them on two; each actor sees only its own GPU, so such a pair
         # cannot use IPC and cuda-ipc sends it through NCCL (kvtransfer/pairing.py).

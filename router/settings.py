@@ -41,8 +41,9 @@ ROUTER_FLAGS: dict[str, str] = {
     "gpus_per_worker": "GPUs per worker, 0 on CPU; a fraction (0.5) lets prefill and decode "
                        "share a GPU",
     "threads_per_worker": "torch threads (and Ray CPUs) per worker on CPU",
-    "kv_transfer": "how KV caches move: auto picks cuda-ipc on one GPU node, nccl across "
-                   "GPUs, ray on CPU",
+    "kv_transfer": "how KV caches move: auto picks per pair -- cuda-ipc with a fraction of "
+                   "a GPU per worker, collective (NCCL) with whole GPUs, on CPU the object "
+                   "store within a Ray node and collective (gloo) across nodes",
     "prefill_policy": "prefill workers' scheduling: shortest_first lets short prompts past "
                       "a long prompt's chunks; fcfs serves in arrival order",
     "prefill_step_tokens": "prefill workers' token budget per step (default: the engine's "

@@ -11,7 +11,7 @@ from typing import Any
 from engine.config import ConfigError, EngineConfig
 
 ROLES = ("prefill", "decode", "colocated")
-KV_BACKENDS = ("ray", "cuda-ipc", "nccl", "collective")
+KV_BACKENDS = ("ray", "cuda-ipc", "nccl", "collective", "ray+collective")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,8 +19,8 @@ class WorkerConfig:
     """One worker actor.
 
     role: "prefill", "decode", or "colocated" (prefills and decodes its own requests).
-    kv_transfer: "ray" | "cuda-ipc" | "nccl" | "collective" (the router resolves "auto"
-        before this).
+    kv_transfer: one of KV_BACKENDS (the router resolves "auto" before this;
+        "ray+collective" picks ray or collective per pair, kvtransfer/collective_auto.py).
     transfer_timeout_s: a receive that waits longer fails the request (no hang).
     watermark: fraction of KV blocks a decode worker keeps free when accepting new
         requests, so running ones can grow without immediate preemption.

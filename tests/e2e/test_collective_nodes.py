@@ -1,8 +1,8 @@
 """The collective KV transport across two simulated Ray nodes (tests/e2e/
 multinode_fixtures.py): the prefill worker on one node, the decode worker on another,
-KV over gloo between them (bound to the node addresses Ray reports); greedy output equal
-to the offline engine's, no block leaked. Slow tier: a cluster and its workers take
-longer to start than the default tier allows."""
+``--kv-transfer auto`` (ray+collective) picks gloo for that pair, bound to the node
+addresses Ray reports; greedy output equal to the offline engine's, no block leaked.
+Slow tier: a cluster and its workers take longer to start than the default tier allows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from engine import LLM
 from engine.sampling_params import SamplingParams
+from messages import PrefillTask
 from tests.e2e.multinode_fixtures import DECODE_NODE, PREFILL_NODE, SimCluster
 from tests.e2e.runtime_fixtures import RouterHarness, assert_clean, router_config
 
@@ -30,8 +31,7 @@ def two_nodes() -> Iterator[tuple[SimCluster, RouterHarness]]:
         sim.add(PREFILL_NODE)
         sim.add(DECODE_NODE)
         cfg = router_config(prefill_resources={PREFILL_NODE: 1},
-                            decode_resources={DECODE_NODE: 1}, kv_transfer="collective",
-                            transfer_timeout_s=30)
+                            decode_resources={DECODE_NODE: 1}, transfer_timeout_s=30)
         h = RouterHarness(replace(cfg, engine=replace(cfg.engine, model=MODEL)))
     except BaseException:
         sim.close()
@@ -53,6 +53,25 @@ def test_collective_across_nodes_equal_llm(two_nodes: tuple[SimCluster, RouterHa
         outs = h.generate_all(PROMPTS, PARAMS)
         assert [t for t, _ in outs] == want
         assert all(f.usage.completion_tokens == PARAMS.max_tokens for _, f in outs)
-    assert d.endpoint is not None and d.endpoint.backend == "collective"
-    assert d.endpoint.address.host == d.node.node_address  # the node IP Ray reports
+    assert d.endpoint is not None and d.endpoint.backend == "ray+collective"
+    assert d.endpoint.address.collective.host == d.node.node_address  # Ray's node IP
+    assert_clean(h)
+
+
+def test_auto_sends_across_nodes_through_collective(
+        two_nodes: tuple[SimCluster, RouterHarness]) -> None:
+    _, h = two_nodes
+    p = next(w for w in h.router.workers() if w.role == "prefill")
+    d = next(w for w in h.router.workers() if w.role == "decode")
+
+    async def go() -> str:
+        blocks = await d.actor.reserve.remote("per-pair", PROMPTS[0], PARAMS)
+        assert blocks
+        res = await p.actor.prefill.remote(
+            PrefillTask("per-pair", PROMPTS[0], PARAMS, d.endpoint, blocks))
+        await d.actor.start.remote("per-pair", res.first_token, res.handle)
+        await d.actor.abort.remote("per-pair")
+        return str(res.handle.backend)
+
+    assert h.lt.run(go()) == "collective"
     assert_clean(h)

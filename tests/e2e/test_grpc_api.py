@@ -223,7 +223,7 @@ def test_model_and_server_info(live: LiveService) -> None:
     assert (m.model_id, m.vocab_size, m.max_context_tokens) == ("smollm2-135m", VOCAB, CONTEXT)
     assert m.has_chat_template and m.kv_block_size_tokens == 16 and m.max_stop_strings == 16
     s = live.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=live.auth, timeout=10)
-    assert (s.mode, s.kv_transfer) == ("disaggregated", "ray")
+    assert (s.mode, s.kv_transfer) == ("disaggregated", "ray+collective")  # CPU auto
     roles = sorted(w.role for w in s.workers if w.alive)
     assert roles == [pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE]
     assert all(w.num_kv_blocks > 0 for w in s.workers)

@@ -11,8 +11,9 @@ from router.config import RouterConfig
 from runtime.config import pair_on_gpus
 
 
-@pytest.mark.parametrize(("gpus", "backend"), [(0, "ray"), (0.25, "cuda-ipc"),
-                                               (0.5, "cuda-ipc"), (1, "nccl"), (2, "nccl")])
+@pytest.mark.parametrize(("gpus", "backend"), [(0, "ray+collective"), (0.25, "cuda-ipc"),
+                                               (0.5, "cuda-ipc"), (1, "collective"),
+                                               (2, "collective")])
 def test_auto_picks_per_gpu_share(gpus: float, backend: str) -> None:
     assert RouterConfig(gpus_per_worker=gpus).resolved_kv_transfer() == backend
 
@@ -26,6 +27,9 @@ def test_nccl_with_a_fraction_of_a_gpu_is_refused_up_front() -> None:
         == "cuda-ipc"
     with pytest.raises(ConfigError, match="needs GPUs"):
         RouterConfig(kv_transfer="nccl")
+    with pytest.raises(ConfigError, match="kv_transfer collective needs a whole GPU"):
+        RouterConfig(gpus_per_worker=0.5, kv_transfer="collective")
+    assert RouterConfig(kv_transfer="collective").resolved_kv_transfer() == "collective"  # gloo
 
 
 def test_one_prefill_and_one_decode_share_one_gpu_bundle() -> None:

@@ -197,3 +197,17 @@ def test_a_receive_posted_without_a_group_is_refused() -> None:
     handle = TransferHandle("r", "collective", SPEC, 1, SPEC.block_nbytes())
     with pytest.raises(KVTransferError, match="no collective receive is posted"):
         asyncio.run(rx.fetch(handle, 1.0))
+
+
+def test_per_pair_choice_is_the_object_store_on_one_node_and_collective_across() -> None:
+    from kvtransfer.addresses import PerPairAddress
+    from kvtransfer.collective_auto import PerPairSender, sub_endpoint
+
+    tx = PerPairSender("p")
+    tx._node = "node-a"  # what Ray reports inside the prefill actor
+    coll_addr = CollectiveAddress(None, "10.0.0.2", 1234)
+    here = Endpoint("ray+collective", "d0", SPEC, PerPairAddress("node-a", coll_addr))
+    there = Endpoint("ray+collective", "d1", SPEC, PerPairAddress("node-b", coll_addr))
+    assert tx.same_node(here) and not tx.same_node(there)
+    sub = sub_endpoint(there)
+    assert (sub.backend, sub.worker_id, sub.address) == ("collective", "d1", coll_addr)
