@@ -100,6 +100,9 @@ class FakeActor:
     # The request as a reservation creates it (the engine's reserve takes its params;
     # start runs it with them).
     reserved_params: dict[str, Any] = field(default_factory=dict)
+    # decode: the cached-token count each start was given (the engine reports it).
+    started_cached: dict[str, int] = field(default_factory=dict)
+    start_delay_s: float = 0.0  # how long importing the KV takes
     running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
     aborted: set[str] = field(default_factory=set)
     sent_to: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # prefill: KV dest
@@ -238,7 +241,9 @@ class FakeActor:
     async def _start(self, request_id: str, first_token: int, handle: TransferHandle,
                      logprobs: Any = None, num_cached_tokens: int = 0) -> None:
         self._record("start", request_id)
+        self.started_cached[request_id] = num_cached_tokens
         await self.start_gate.wait()
+        await asyncio.sleep(self.start_delay_s)
         blocks = self.reserved.pop(request_id, None)
         params = self.reserved_params.pop(request_id, None)
         if blocks is None:

@@ -253,8 +253,30 @@ def test_prefill_reports_add_up_over_attempts(cluster: FakeCluster) -> None:
         ev = events["p"]
         assert (ev.queue_seconds, ev.prefill_seconds, ev.transfer_seconds,
                 ev.transfer_bytes) == (1.0, 0.5, 0.25, 2000)
-        assert ev.prefill_sent is not None and ev.import_seconds > 0
-        assert final.usage.cached_tokens == 4
+        assert ev.prefill_sent is not None
+        assert final.usage.cached_tokens == 4 and decode.started_cached["p@2"] == 4
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_import_time_adds_up_over_migrations(cluster: FakeCluster) -> None:
+    """Each attempt's KV import (start) time is added: at least the 0.05 s the first
+    import took, however fast the second."""
+    async def go() -> None:
+        router = await start(cluster)
+        events = record_events(router)
+        decode = cluster.live("decode")[0]
+        decode.start_delay_s = 0.05
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="i"))
+        await until(lambda: "i" in router.requests
+                    and len(router.requests["i"].generated) > 3, "decoding")
+        decode.start_delay_s = 0.0
+        decode.preempt("i@1")
+        toks, _ = await task
+        assert toks == expected(PROMPT, 200)
+        # a duration (asyncio may wake a timer a clock tick early), not a clock reading
+        assert 0.04 <= events["i"].import_seconds < 60
         await settle(router, cluster)
         await router.shutdown()
     run(go())
