@@ -32,6 +32,11 @@ posted receive is dropped once it completed; buffers stay referenced until NCCL 
 with them (kvtransfer/nccl_state.py keeps the books). NCCL cannot put two ranks on one
 GPU, so this backend needs two GPUs; one GPU uses cuda-ipc. Not verified on hardware in
 this repository yet (see docs/kernels.md).
+
+kvtransfer/collective.py runs this same protocol (and nccl_state's books) over
+torch.distributed process groups -- NCCL for CUDA caches, gloo for CPU ones, so CI runs
+it -- and is what ``--kv-transfer auto`` picks with whole GPUs; this cupy
+implementation stays cuda-ipc's fallback for pairs on two GPUs.
 """
 
 from __future__ import annotations
