@@ -30,12 +30,13 @@ run: $(STAMP)
 demo-offline: $(STAMP)
 	$(BIN)/python -m engine.demo
 
-# Prometheus and promtool for the metrics end-to-end test (Debian package; needs root,
-# as on CI). Without them that one test installs them itself or says why it skipped.
+# Prometheus and promtool for the metrics end-to-end test, and shellcheck for the launch
+# files' tests (Debian packages; needs root, as on CI). Without them the metrics test
+# installs them itself, the launch files' tests say why they skipped.
 prometheus:
-	@command -v prometheus >/dev/null || (apt-get update -qq && \
+	@(command -v prometheus && command -v shellcheck) >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  prometheus >/dev/null) || echo "prometheus not installed (needs root)"
+	  prometheus shellcheck >/dev/null) || echo "prometheus/shellcheck not installed (needs root)"
 
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .

@@ -14,9 +14,9 @@
 #
 # Every node needs the same Python environment with pdserve[serve] installed (same path,
 # same Ray version: Ray's metrics need ray[default], which pdserve[serve] brings), the model
-# at the same path (or dummy:<preset>), and the head's Ray token: Ray >= 2.50 turns token
-# authentication on, `ray start --head` writes ~/.ray/auth_token, copy it to the same path
-# on every node (or set RAY_AUTH_TOKEN). Flags after the command go to `ray start` / `pdserve
+# at the same path (or dummy:<preset>), and the head's Ray token: `head` makes one in
+# ~/.ray/auth_token if there is none (`ray get-auth-token` prints it); copy it to the same
+# path on every node, or set RAY_AUTH_TOKEN there. Flags after the command go to `ray start` / `pdserve
 # serve` as they are. Environment:
 #   RAY_PORT (6379)             the head's GCS port; open it (and Ray's worker ports)
 #                               between nodes, and only between nodes
@@ -55,13 +55,15 @@ temp_flags=()
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; }
 
-# Waits up to $2 seconds for every pid in $1 (space-separated) to be gone; 0 if they are.
+# Waits up to $2 seconds for every pid in $1 (space-separated) to be gone (or a zombie,
+# left for its parent to reap); 0 if they are.
 wait_gone() {
-  local pids="$1" deadline=$((SECONDS + $2)) pid alive
+  local pids="$1" deadline=$((SECONDS + $2)) pid alive state
   while :; do
     alive=""
     for pid in $pids; do
-      if kill -0 "$pid" 2>/dev/null; then alive="$alive $pid"; fi
+      state="$(ps -o stat= -p "$pid" 2>/dev/null || true)"
+      if [[ -n "$state" && "$state" != Z* ]]; then alive="$alive $pid"; fi
     done
     [[ -n "$alive" ]] || return 0
     ((SECONDS < deadline)) || return 1
@@ -127,6 +129,9 @@ cmd="${1:-}"
 shift
 case "$cmd" in
   head)
+    # `ray start --head` refuses token mode without a token; this makes one only if none
+    # exists (~/.ray/auth_token), and prints it: copy it to the workers.
+    if [[ "$RAY_AUTH_MODE" == token ]]; then ray get-auth-token --generate >/dev/null; fi
     # --include-dashboard: the dashboard writes the Prometheus discovery file
     # ($ray_dir/prom_metrics_service_discovery.json) with every node's metrics address.
     ray start --head --port="$RAY_PORT" --num-gpus="$HEAD_GPUS" \
