@@ -3,14 +3,24 @@ and logprobs come back as Python ints and floats whatever the batch mix, penalti
 never write into the caller's logits (fp32 input included) and always return fp32,
 logprobs of half-precision logits are computed in fp32, a row with an empty prompt or
 output beside others, and a truncation that must stay on the logits' device (the meta
-device stands in for an accelerator: a CPU tensor mixed into it is an error)."""
+device stands in for an accelerator: a CPU tensor mixed into it is an error); and the
+contracts of the top-p round helper and the inverse CDF on inputs their callers rarely
+produce."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow, _min_p_, _top_k_, apply_penalties
+from engine.sampler import (
+    Sampler,
+    SamplingRow,
+    _inverse_cdf,
+    _min_p_,
+    _top_k_,
+    _top_p_cutoff,
+    apply_penalties,
+)
 from engine.sampling_params import SamplingParams
 
 V = 32
@@ -92,3 +102,21 @@ def test_min_p_stays_on_the_logits_device() -> None:
     probs = torch.empty(2, V, device="meta")
     _min_p_(probs, [0.5, 0.0])  # the per-row scales must be made on the meta device too
     assert probs.device.type == "meta"
+
+
+def test_top_p_round_reports_whether_its_tokens_reached_top_p() -> None:
+    # Row 0: 0.4 + 0.3 + 0.2 = 0.9 >= 0.85 only with the last token; row 1: exactly
+    # top_p with the last; row 2: short of it (the next round must look further).
+    desc = torch.tensor([[0.4, 0.3, 0.2], [0.5, 0.25, 0.0], [0.3, 0.2, 0.1]])
+    ps = torch.tensor([[0.85], [0.75], [0.9]])
+    cutoff, reached = _top_p_cutoff(desc, ps)
+    assert reached.tolist() == [True, True, False]
+    assert cutoff[:, 0].tolist() == pytest.approx([0.2, 0.25, 0.1])
+
+
+def test_inverse_cdf_flags_rows_without_positive_finite_mass() -> None:
+    probs = torch.tensor([[0.0, 0.0, 0.0], [0.0, float("nan"), 0.5],
+                          [0.5, float("inf"), 0.5], [0.25, 0.5, 0.25]])
+    ids, no_mass = _inverse_cdf(probs, torch.full((4,), 0.5))
+    assert no_mass.tolist() == [True, True, True, False]
+    assert ids[3].item() == 1
