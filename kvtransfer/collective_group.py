@@ -65,18 +65,31 @@ def connect(host: str, port: int, timeout_s: float) -> TCPStore:
 def new_group(store: Store, prefix: str, rank: int, device: torch.device, host: str,
               timeout_s: float) -> Any:
     """Join the pair's group as ``rank`` (0: prefill, 1: decode); blocks until both
-    ranks joined, or raises after ``timeout_s``."""
+    ranks joined and exchanged one message, or raises after ``timeout_s``."""
     pstore = PrefixStore(prefix, store)
+    group: Any
     if backend_for(device) == "nccl":  # pragma: no cover - GPU machines only
         from torch.distributed import ProcessGroupNCCL
 
         nopts = ProcessGroupNCCL.Options()
         nopts._timeout = _td(timeout_s)
-        return ProcessGroupNCCL(pstore, rank, 2, nopts)
-    gopts = ProcessGroupGloo._Options()
-    gopts._timeout = _td(timeout_s)
-    gopts._devices = [ProcessGroupGloo.create_device(hostname=host)]
-    return ProcessGroupGloo(pstore, rank, 2, gopts)
+        group = ProcessGroupNCCL(pstore, rank, 2, nopts)
+    else:
+        gopts = ProcessGroupGloo._Options()
+        gopts._timeout = _td(timeout_s)
+        gopts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+        group = ProcessGroupGloo(pstore, rank, 2, gopts)
+    # NCCL creates a pair's communicator at its first send/recv, blocking until both
+    # ranks are in it. Here both are joining; later the decode side posts its first
+    # receive before the prefill side sends, and would wait for it in vain.
+    probe = torch.zeros(1, device=device)
+    work = group.send([probe], 1, 0) if rank == 0 else group.recv([probe], 0, 0)
+    try:
+        wait_work(work, timeout_s, f"collective group {prefix}: first exchange")
+    except KVTransferError:
+        close_group(group)
+        raise
+    return group
 
 
 def close_group(group: Any) -> None:
