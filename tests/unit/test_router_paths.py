@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 
 import pytest
 
@@ -222,11 +223,31 @@ def test_migration_continues_token_identical_and_counts(cluster: FakeCluster) ->
                     and len(router.requests["m"].generated) > 3, "decoding")
         prefill.prefill_report = (40, 0.0, 0.0, 0.0, 0)
         decode.preempt("m@1")
+        await until(lambda: "m@2" in decode.running
+                    and len(router.requests["m"].generated) > 10, "decoding again")
+        decode.preempt("m@2")
         toks, final = await task
         assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
         assert final.usage.cached_tokens == 4  # the client's prompt hit, not the re-prefill's
-        assert events["m"].migrations == 1
+        assert events["m"].migrations == 2
         assert ("prefill", "m@2") in prefill.calls
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_retry_is_logged_with_the_request_and_the_reason(
+        cluster: FakeCluster, caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        decode.fail_next_start = True
+        with caplog.at_level(logging.INFO, logger="router.lifecycle"):
+            toks, _ = await collect(router, request_id="l")
+        assert toks == expected(PROMPT, 12)
+        assert [r.getMessage() for r in caplog.records if r.name == "router.lifecycle"] == [
+            f"request l: KV import failed on {decode.worker_id}: KVTransferError: the KV "
+            "did not arrive (fake); placing it again"]
         await settle(router, cluster)
         await router.shutdown()
     run(go())
