@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 NULL_BLOCK = 0
@@ -65,6 +65,9 @@ class BlockPool:
         self._cached: dict[BlockHash, int] = {}
         self.prefix_queries = 0  # blocks looked up
         self.prefix_hits = 0  # blocks found
+        # Called with (block id, hash) of the indexed prefix blocks get_new_blocks evicts,
+        # before their contents are overwritten (engine.kv_spill keeps them).
+        self.on_evict: Callable[[list[tuple[int, BlockHash]]], None] | None = None
 
     # -- queries ---------------------------------------------------------------------
     @property
@@ -97,15 +100,19 @@ class BlockPool:
         if n > len(self._free):
             raise NoFreeBlocksError(f"asked for {n} blocks, {len(self._free)} free")
         out = []
+        evicted: list[tuple[int, BlockHash]] = []
         for _ in range(n):
             bid, _ = self._free.popitem(last=False)
             blk = self.blocks[bid]
             if blk.block_hash is not None:  # evict from the prefix cache
                 if self._cached.get(blk.block_hash) == bid:
                     del self._cached[blk.block_hash]
+                    evicted.append((bid, blk.block_hash))
                 blk.block_hash = None
             blk.ref_count = 1
             out.append(bid)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
         return out
 
     def touch(self, block_ids: Iterable[int]) -> None:

@@ -13,23 +13,34 @@ finishes, is aborted or is preempted; the caller decides when (see Scheduler).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from engine.block_pool import BlockPool, hash_block_tokens
+from engine.block_pool import BlockHash, BlockPool, hash_block_tokens
 from engine.config import cdiv
 from engine.request import Request
 
+if TYPE_CHECKING:
+    from engine.kv_spill import KVSpillTier
+
 
 class PrefixHit(NamedTuple):
+    """Pool blocks to revive, then spilled blocks to restore (engine.kv_spill);
+    ``num_tokens`` covers both."""
+
     block_ids: list[int]
     num_tokens: int
+    restore: tuple[BlockHash, ...] = ()
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int,
+                 spill: KVSpillTier | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.req_blocks: dict[str, list[int]] = {}
+        self.spill = spill  # the prefix cache's second tier, or None
+        if spill is not None:
+            pool.on_evict = spill.spill
 
     def block_table(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
@@ -46,15 +57,19 @@ class KVCacheManager:
         if not self.pool.enable_prefix_caching or req.num_computed_tokens:
             return PrefixHit([], 0)
         self._update_hashes(req, req.num_tokens - 1)
+        hashes = req.block_hashes[: (req.num_tokens - 1) // self.block_size]
         hits: list[int] = []
-        for h in req.block_hashes[: (req.num_tokens - 1) // self.block_size]:
+        for h in hashes:
             self.pool.prefix_queries += 1
             bid = self.pool.lookup(h)
             if bid is None:
                 break
             self.pool.prefix_hits += 1
             hits.append(bid)
-        return PrefixHit(hits, len(hits) * self.block_size)
+        restore: tuple[BlockHash, ...] = ()
+        if self.spill is not None and len(hits) < len(hashes):
+            restore = tuple(self.spill.longest_run(hashes[len(hits):]))
+        return PrefixHit(hits, (len(hits) + len(restore)) * self.block_size, restore)
 
     def allocate(self, req: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Make room for ``num_new_tokens`` more tokens (after the prefix hit, if any).
@@ -70,7 +85,16 @@ class KVCacheManager:
         if need + revived > self.pool.num_free_blocks:
             return False
         self.pool.touch(hit_ids)
+        restore = hit.restore if hit else ()
+        # Taken before allocating: the new blocks' evictions spill into the tier too.
+        entries = self.spill.take(restore) if self.spill is not None and restore else []
         new = self.pool.get_new_blocks(max(need, 0))
+        if restore:
+            # need counts these: the hit's tokens include them, its block ids do not.
+            assert self.spill is not None
+            self.spill.restore(new[: len(restore)], entries)
+            for bid, h in zip(new, restore, strict=False):
+                self.pool.cache_block(bid, h)
         self.req_blocks[req.request_id] = blocks + hit_ids + new
         return True
 

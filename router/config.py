@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from engine.config import SCHEDULER_POLICIES, ConfigError, EngineConfig
+from engine.config import SCHEDULER_POLICIES, CacheConfig, ConfigError, EngineConfig
 from router.node_resources import check_resources
 from runtime.config import KV_BACKENDS
 
@@ -146,7 +146,8 @@ class RouterConfig:
 
     def worker_engine(self, role: str) -> EngineConfig:
         """The engine config a worker of this role runs."""
-        engine = dataclasses.replace(self.engine, num_threads=self.threads_per_worker)
+        engine = dataclasses.replace(self.engine, num_threads=self.threads_per_worker,
+                                     cache=self._worker_cache(role))
         if role != "prefill":
             return engine
         sched = dataclasses.replace(
@@ -154,3 +155,17 @@ class RouterConfig:
             max_num_batched_tokens=(self.prefill_step_tokens
                                     or engine.scheduler.max_num_batched_tokens))
         return dataclasses.replace(engine, scheduler=sched)
+
+    def _worker_cache(self, role: str) -> CacheConfig:
+        """On CPU, each worker plans its default pool on 1/N of the host's available
+        memory, N the deployment's workers (all on this node in a local Ray; on a
+        cluster, fewer share a node and the pools come out smaller than they could be:
+        set --kv-cache-memory there). Decode workers get no spill tier: their prompts'
+        KV arrives from prefill workers, they never look a prefix up."""
+        cache = self.engine.cache
+        if self.gpus_per_worker == 0 and cache.host_share is None:
+            n = sum(self.num_workers(r) for r in self.roles)
+            cache = dataclasses.replace(cache, host_share=1.0 / n)
+        if role == "decode" and cache.spill_memory_bytes:
+            cache = dataclasses.replace(cache, spill_memory_bytes=0)
+        return cache

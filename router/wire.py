@@ -192,6 +192,12 @@ def worker_info(h: WorkerHandle) -> pb.WorkerInfo:
         info.prefix_cache_queries_blocks = s.prefix_queries
         info.prefix_cache_hits_blocks = s.prefix_hits
         info.num_preemptions = s.num_preemptions
+        e = s.engine
+        info.kv_block_bytes, info.kv_block_tokens = e.kv_block_bytes, e.block_size
+        info.num_spilled_kv_blocks = e.spill_blocks
+        info.kv_spill_capacity_bytes = e.spill_capacity_bytes
+        info.kv_spill_hits_blocks = e.spill_hits
+        info.kv_spilled_bytes, info.kv_restored_bytes = e.spilled_bytes, e.restored_bytes
         if s.pool is not None:
             p = s.pool
             info.kv_blocks.CopyFrom(pb.KVBlockOwners(

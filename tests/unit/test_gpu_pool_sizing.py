@@ -1,6 +1,6 @@
 """KV pool sizing on a GPU (defect 7): this process's part of the GPU -- total x
 utilization x share -- less the weights (twice, while loading), activations and slack,
-never more than is free. CPU sizing is unchanged. GPU memory and Ray's share are
+never more than is free. CPU sizing: tests/unit/test_pool_sizing.py. GPU memory and Ray's share are
 replaced by fixed numbers, so the arithmetic is checked on CPU."""
 
 from __future__ import annotations
@@ -41,17 +41,6 @@ def test_activations_cover_the_step_and_the_samplers_logits() -> None:
     per_token = 4 * 4096 + 4096 + 2 * 1024 + 2 * 14336
     expected = 2 * 512 * per_token * 2 + 4 * 64 * 128256 * 4
     assert activation_bytes(mc, SchedulerConfig(), 2) == expected == 236_191_744
-
-
-def test_cpu_pools_are_sized_as_before() -> None:
-    sched, cache = SchedulerConfig(), CacheConfig()
-    for name, dtype, blocks in [("smollm2-135m", torch.float32, 2912),
-                                ("llama-3-8b", torch.float32, 512),
-                                ("llama-3-8b", torch.bfloat16, 1024),  # the 2 GiB cap
-                                ("tiny-llama3", torch.float32, 4097)]:
-        mc = get_preset(name)
-        assert default_num_blocks(mc, cache, sched, dtype) == blocks
-        assert default_num_blocks(mc, cache, sched, dtype, torch.device("cpu")) == blocks
 
 
 def gpu(monkeypatch: pytest.MonkeyPatch, free: int, total: int, ray_share: float | None
