@@ -77,7 +77,7 @@ stop_pdserve() {
   local pid
   pid="$(cat "$pid_file")"
   # Only our own `serve`: the pid may have been reused since.
-  if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'pdserve serve'; then
+  if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q 'pdserve serve'; then
     kill -TERM "$pid"
     wait_gone "$pid" "$PDSERVE_STOP_S" || kill -KILL "$pid" 2>/dev/null || true
   fi
