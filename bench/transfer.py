@@ -65,7 +65,8 @@ def run(cfg: TransferConfig) -> dict[str, Any]:
 
     store = cfg.store_mib * MIB
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": store, "resources": {"bench_a": 4}})
+        "num_cpus": 1, "object_store_memory": store, "resources": {"bench_a": 4},
+        "include_dashboard": False})
     cluster.add_node(num_cpus=1, object_store_memory=store, resources={"bench_b": 4})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     try:
