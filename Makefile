@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime bench-guidellm mutation clean
+.PHONY: install run demo-offline test test-all lint proto prometheus bench bench-offline bench-runtime bench-guidellm mutation mutation-survivors clean
 
 install: $(STAMP)
 
@@ -109,6 +109,11 @@ empty :=
 space := $(empty) $(empty)
 toml_list = $(subst $(space),$(comma)$(space),$(patsubst %,"%",$(strip $(1))))
 
+MUTATION_SUMMARY = $(BIN)/python -c 'import json, sys; s = json.load(open(sys.argv[1])); \
+	k, n = s["killed"] + s["timeout"], s["total"]; \
+	print("%s: %d/%d killed (%.1f%%), %d survived, %d without tests" \
+	      % (sys.argv[2], k, n, 100 * k / max(n, 1), s["survived"], s["no_tests"]))'
+
 $(VENV)/.stamp-mutation: $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[mutation]"
 	touch $@
@@ -131,11 +136,29 @@ mutation: $(VENV)/.stamp-mutation
 	    --max-children $(MUTATION_JOBS) > mutmut.log 2>&1 && \
 	    $(CURDIR)/$(BIN)/mutmut export-cicd-stats >> mutmut.log 2>&1 && \
 	    $(CURDIR)/$(BIN)/mutmut results > survivors.txt 2>&1); \
-	  $(BIN)/python -c 'import json, sys; s = json.load(open(sys.argv[1])); \
-	    k, n = s["killed"] + s["timeout"], s["total"]; \
-	    print("%s: %d/%d killed (%.1f%%), %d survived, %d without tests" \
-	          % (sys.argv[2], k, n, 100 * k / max(n, 1), s["survived"], s["no_tests"]))' \
-	    $$d/mutants/mutmut-cicd-stats.json $$m | tee -a $(MUTATION_DIR)/summary.txt; \
+	  $(MUTATION_SUMMARY) $$d/mutants/mutmut-cicd-stats.json $$m \
+	    | tee -a $(MUTATION_DIR)/summary.txt; \
+	done
+
+# After tests were written for the survivors: the last run's scratch trees, their tests
+# refreshed from the working tree, and only the mutants that survived (or had no test)
+# judged again; minutes instead of hours. New tests must go into files the run already
+# selected: a changed selection makes mutmut forget every result.
+mutation-survivors: $(VENV)/.stamp-mutation
+	@echo "# survivors judged again, $$(date -u '+%F %H:%M')" >> $(MUTATION_DIR)/summary.txt
+	@set -e; for m in $(MUTATE); do \
+	  d=$(MUTATION_DIR)/$$(basename $$m .py); \
+	  [ -f $$d/mutants/mutmut-cicd-stats.json ] || continue; \
+	  rm -rf $$d/tests; git ls-files -co --exclude-standard tests | tar -c -T - | tar -x -C $$d; \
+	  names=$$(cd $$d && $(CURDIR)/$(BIN)/mutmut results 2>/dev/null \
+	    | sed -n 's/^ *\([^ ]*\): \(survived\|no tests\)$$/\1/p'); \
+	  echo "re-judging $$(echo $$names | wc -w) survivors of $$m (log: $$d/mutmut.log)"; \
+	  (cd $$d && { [ -z "$$names" ] || OMP_NUM_THREADS=1 nice -n 19 $(CURDIR)/$(BIN)/mutmut \
+	    run --max-children $(MUTATION_JOBS) $$names >> mutmut.log 2>&1; } && \
+	    $(CURDIR)/$(BIN)/mutmut export-cicd-stats >> mutmut.log 2>&1 && \
+	    $(CURDIR)/$(BIN)/mutmut results > survivors.txt 2>&1); \
+	  $(MUTATION_SUMMARY) $$d/mutants/mutmut-cicd-stats.json $$m \
+	    | tee -a $(MUTATION_DIR)/summary.txt; \
 	done
 
 clean:

@@ -120,3 +120,13 @@ def test_inverse_cdf_flags_rows_without_positive_finite_mass() -> None:
     ids, no_mass = _inverse_cdf(probs, torch.full((4,), 0.5))
     assert no_mass.tolist() == [True, True, True, False]
     assert ids[3].item() == 1
+
+
+def test_sampling_stays_on_the_logits_device() -> None:
+    """Temperatures, uniforms and the draw are made on the logits' device: on a GPU a
+    CPU tensor among them is an error (or a copy per step). Seeded rows, whose
+    generators live on the CPU, hand their uniforms over to that device."""
+    rows = [SamplingRow(SamplingParams(temperature=0.7, seed=i), [], [],
+                        torch.Generator().manual_seed(i)) for i in range(2)]
+    ids, no_mass = Sampler()._sample(torch.empty(2, V, device="meta"), rows)
+    assert ids.device.type == no_mass.device.type == "meta" and ids.shape == (2,)
