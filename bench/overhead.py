@@ -44,9 +44,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Ray names an actor's process after its class: how a worker is told from Ray's own.
 ROLE_OF_PROCESS = {"ray::PrefillActor": "prefill", "ray::DecodeActor": "decode",
                    "ray::ColocatedActor": "colocated"}
-# A worker's samples in these frames are the model forward (the rest of the step is
-# host work: scheduling, tensors, sampling, post-processing).
-FORWARD_FRAMES = ("forward (engine/model.py", "execute (engine/model_runner.py")
+# A worker's samples under these frames: the forward pass with its sampler, and the
+# whole engine step (the difference is the step's host work: scheduling, isolation
+# checkpoints, post-processing). py-spy names a frame "Class.method (file:line)".
+FORWARD_FRAME = "ModelRunner.execute (engine/model_runner.py"
+IDLE_S = 5.0  # seconds of idle CPU measured before the load
+STEP_FRAME = "LLMEngine.step (engine/llm_engine.py"
 
 
 @dataclass(frozen=True)
@@ -179,11 +182,11 @@ class PySpy:
 
 def top_frames(path: Path, k: int = 8) -> dict[str, object]:
     """From py-spy's collapsed stacks: the hottest leaf frames (self time) and the
-    hottest frames overall (inclusive), as fractions of the samples, and the share of
-    the samples inside the model forward."""
+    hottest frames overall (inclusive), as fractions of the samples, and the shares of
+    the samples inside the model forward and inside the engine step."""
     leaf: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    total = forward = 0
+    total = forward = step = 0
     if not path.exists():
         return {}
     for line in path.read_text().splitlines():
@@ -198,13 +201,16 @@ def top_frames(path: Path, k: int = 8) -> dict[str, object]:
         leaf[frames[-1]] += c
         for f in set(frames):
             incl[f] += c
-        if any(f.startswith(FORWARD_FRAMES) for f in frames):
+        if any(f.startswith(FORWARD_FRAME) for f in frames):
             forward += c
+        if any(f.startswith(STEP_FRAME) for f in frames):
+            step += c
 
     def frac(cnt: Counter[str]) -> list[list[object]]:
         return [[f, round(c / total, 3)] for f, c in cnt.most_common(k)]
 
     return {"samples": total, "forward_share": round(forward / max(total, 1), 3),
+            "engine_step_share": round(step / max(total, 1), 3),
             "top_self": frac(leaf), "top_inclusive": frac(incl)}
 
 
@@ -222,6 +228,12 @@ def run_served(dep: Deployment, jobs_by_n: dict[int, list[Job]], runs: int, log_
         assert server.proc is not None
         sid = server.proc.pid  # the server leads its own session (bench/serving.py)
         asyncio.run(send_all(target, jobs_by_n[main_n][:4], f"{dep.name}-warm"))
+        # What the deployment burns with nothing to do (heartbeats, polls, Ray's own
+        # loops), per second: on a slow run it inflates the per-token figures.
+        before = session_cpu(sid)
+        time.sleep(IDLE_S)
+        idle = {k: v / IDLE_S for k, v in cpu_split(before, session_cpu(sid)).items()}
+        res["idle_cpu_cores"] = {k: round(v, 4) for k, v in idle.items()}
         for n, jobs in jobs_by_n.items():
             walls, splits = [], []
             for r in range(runs if n == main_n else 1):
@@ -248,6 +260,16 @@ def run_served(dep: Deployment, jobs_by_n: dict[int, list[Job]], runs: int, log_
                 "tokens_per_s": tokens / statistics.median(walls),
                 "cpu_us_per_token": {k: round(statistics.median(s.get(k, 0.0) for s in splits), 1)
                                      for k in keys}}
+            # Cores each kind kept busy: a decode worker near 1.0 with one thread is the
+            # deployment's bottleneck, whatever the service path costs.
+            tps = tokens / statistics.median(walls)
+            row = res[f"streams_{n}"]
+            row["cores_busy"] = {k: round(v * tps / 1e6, 2)  # type: ignore[index]
+                                 for k, v in row["cpu_us_per_token"].items()}  # type: ignore[index]
+            # Net of the idle burn over the same wall time: what the tokens themselves cost.
+            row["cpu_us_per_token_net_of_idle"] = {  # type: ignore[index]
+                k: round(v - 1e6 * idle.get(k, 0.0) / tps, 1)
+                for k, v in row["cpu_us_per_token"].items()}  # type: ignore[index]
     return res
 
 
