@@ -340,6 +340,44 @@ def test_a_prefill_aborted_every_time_fails_with_its_reason(cluster: FakeCluster
     run(go())
 
 
+def test_an_unexpected_worker_error_fails_the_request_and_is_logged(
+        cluster: FakeCluster, caplog: pytest.LogCaptureFixture) -> None:
+    """An error the router has no meaning for (a bug in a worker): the request fails with
+    it, the traceback is logged, and the rest is cleaned up."""
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+
+        async def broken(request_id, tokens, params):  # type: ignore[no-untyped-def]
+            raise ValueError("the worker has a bug")
+        decode._reserve = broken  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="router.lifecycle"), \
+                pytest.raises(RequestFailedError, match=r"^request u failed: "):
+            await collect(router, request_id="u")
+        [rec] = [r for r in caplog.records if r.name == "router.lifecycle"]
+        assert rec.getMessage() == "request u failed" and rec.exc_info is not None
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_settle_does_not_wait_for_requests_still_running(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill = cluster.live("prefill")[0]
+        prefill.prefill_gate.clear()
+        task = asyncio.ensure_future(collect(router, request_id="w"))
+        await until(lambda: ("prefill", "w@1") in prefill.calls, "prefilling")
+        # Nothing to wait for: returns at once (the bound only guards a hang).
+        await asyncio.wait_for(router.lifecycle.settle(), 30)
+        assert not task.done()
+        prefill.prefill_gate.set()
+        assert (await task)[0] == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_error_in_the_stream_fails_the_request(cluster: FakeCluster) -> None:
     async def go() -> None:
         router = await start(cluster)
