@@ -115,6 +115,7 @@ class FakeActor:
     start_gate: asyncio.Event = field(default_factory=asyncio.Event)
     abort_gate: asyncio.Event = field(default_factory=asyncio.Event)  # held: abort pends
     fail_next_start: bool = False
+    ready: asyncio.Event | None = None  # held: the actor is still starting (no ping back)
     # Raised by the next prefill (inside the worker, as a failed step or a drain would).
     fail_next_prefill: Exception | None = None
     fail_next_generate: Exception | None = None
@@ -193,6 +194,8 @@ class FakeActor:
 
     # -- every role ----------------------------------------------------------------------
     async def _ping(self) -> str:
+        if self.ready is not None:
+            await self.ready.wait()
         return self.worker_id
 
     async def _node(self) -> NodeInfo:
@@ -348,6 +351,8 @@ class FakeCluster:
     def __init__(self) -> None:
         self.actors: list[FakeActor] = []
         self.journal: list[tuple[str, str, str]] = []  # every actor's calls, in order
+        self.ready = asyncio.Event()  # cleared: actors made from now on do not start yet
+        self.ready.set()
 
     def actor_class(self, role: str) -> Any:
         cluster = self
@@ -359,7 +364,8 @@ class FakeCluster:
 
             @staticmethod
             def remote(config: Any) -> FakeActor:
-                a = FakeActor(config.worker_id, role, journal=cluster.journal)
+                a = FakeActor(config.worker_id, role, journal=cluster.journal,
+                              ready=cluster.ready)
                 cluster.actors.append(a)
                 return a
         return _Cls

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 
 import pytest
 
@@ -20,7 +21,7 @@ from messages import PoolState, PrefillAborted, TokenEvent, TokenLogprobs
 from messages.transfer import KVTransferError
 from router import placement as placement_mod
 from router.core import Router
-from router.errors import RequestFailedError
+from router.errors import NoWorkersError, RequestFailedError
 from router.lifecycle import MAX_PLACEMENTS
 from router.request_state import Delta, Events, Phase, RouterRequest
 from router.routing import block_hashes
@@ -499,6 +500,41 @@ def test_a_finished_stream_wakes_a_request_waiting_for_room(
 
 
 # -- placement -------------------------------------------------------------------------------
+@pytest.mark.parametrize("role", ["decode", "prefill", "colocated"])
+def test_unplaceable_role_fails_new_requests_at_once_but_placed_again_ones_wait(
+        cluster: FakeCluster, role: str) -> None:
+    """No alive node can host the role's replacement: a new request fails at once with
+    the reason, while a request placed again (its worker died) waits for the
+    replacement and finishes token-identical."""
+    async def go() -> None:
+        mode = "colocated" if role == "colocated" else "disaggregated"
+        router = await start(cluster, mode=mode, workers=1, worker_wait_s=60.0)
+        victim = cluster.live(role)[0]
+        if role == "prefill":
+            victim.prefill_gate.clear()
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="r"))
+        await until(lambda: "r" in router.requests and (
+            ("prefill", "r@1") in victim.calls if role == "prefill"
+            else len(router.requests["r"].generated) > 3), "under way")
+        cluster.ready.clear()  # its replacement will not come up yet
+        why = f"no alive node can host a {role} worker (test)"
+        router.registry.unplaceable[role] = why
+        victim.die()
+        await until(lambda: not router.registry.live(role) and router.requests["r"].placements
+                    == 2, "placed again, waiting")
+        new = asyncio.ensure_future(collect(router, request_id="n"))
+        await until(new.done, "the new request refused")
+        with pytest.raises(NoWorkersError, match=re.escape(why)):
+            new.result()
+        assert not task.done()
+        cluster.ready.set()
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_concurrent_requests_spread_over_decode_workers(cluster: FakeCluster) -> None:
     async def go() -> None:
         router = await start(cluster, decode_workers=2)
