@@ -145,7 +145,7 @@ def dep() -> Iterator[Deployment]:
             serve = subprocess.Popen(
                 ["bash", str(SCRIPT), "serve", "--model", MODEL, "--port", str(grpc_port),
                  "--metrics-port", str(metrics_port), "--http-port", "0",
-                 "--prefill-workers", "1", "--decode-workers", "1",
+                 "--prefill-workers", "1", "--decode-workers", "1", "--kv-cache-memory", "0.1",
                  "--prefill-resources", json.dumps({PREFILL_LABEL: 1}),
                  "--decode-resources", json.dumps({DECODE_LABEL: 1})],
                 env=head.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
