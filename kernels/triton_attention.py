@@ -16,6 +16,13 @@ Both walk KV in tiles of BLOCK_N tokens and look up each token's page in the blo
 so any power-of-two block size works, larger or smaller than the tile. Softmax runs in
 the exp2 domain (scale * log2(e) is folded into the scores); statistics are fp32.
 
+A quantized cache (kernels/kv_quant.py: int8 or fp8 rows of D values, then their fp32
+scale) is read in registers: a tile's values convert exactly to the activations' dtype
+(through fp32, which is free on a GPU and what the interpreter converts right) for the
+dot products, each key's scale multiplies its column of scores and each value's
+scale its column of softmax weights (s_k (q . k) = q . (s_k k)); no dequantized copy of
+the cache exists. QUANT is a constexpr, so the unquantized kernels are unchanged.
+
 A mixed batch launches both kernels over all sequences; a program whose sequence belongs
 to the other kernel does no work. No host syncs: grids come from the metadata's host
 ints (max_query_len, max_seq_len, query_lens_host).
@@ -33,6 +40,7 @@ import triton.language as tl
 from kernels.metadata import AttentionMetadata
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_QUANT = (torch.int8, torch.float8_e4m3fn)  # kernels/kv_quant.py rows: D values + fp32 scale
 _LOG2E = 1.4426950408889634
 # Fewest KV tokens worth a split of their own: below this the partial write and the
 # reduction cost more than the parallelism buys.
@@ -51,6 +59,7 @@ def _decode_split_kernel(
     tokens_per_split,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -83,13 +92,21 @@ def _decode_split_kernel(
         kv_off = tok[:, None] + offs_d[None, :]  # (BLOCK_N, D)
         k = tl.load(cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
         v = tl.load(cache_ptr + s_ckv + kv_off, mask=n_mask[:, None], other=0.0)
+        if QUANT:  # one-byte values, exact in the activations' dtype
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2e  # (BLOCK_G, BLOCK_N)
+        if QUANT:
+            k_scale, v_scale = _row_scales(cache_ptr, tok, s_ckv, n_mask, D)
+            s = s * k_scale[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile has a visible token (start < kv_hi), so m_new is finite.
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
+        if QUANT:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m = m_new
 
@@ -105,6 +122,15 @@ def _decode_split_kernel(
         lse = tl.where(l_sum > 0.0, m + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=store_mask)
         tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=store_mask[:, None])
+
+
+@triton.jit
+def _row_scales(cache_ptr, tok, s_ckv, n_mask, D: tl.constexpr):
+    """The fp32 scales of the K and V rows at ``tok`` (BLOCK_N,): the 4 bytes after each
+    row's D one-byte values; 0 for masked tokens."""
+    k_at = (cache_ptr + tok + D).to(tl.pointer_type(tl.float32))
+    v_at = (cache_ptr + s_ckv + tok + D).to(tl.pointer_type(tl.float32))
+    return (tl.load(k_at, mask=n_mask, other=0.0), tl.load(v_at, mask=n_mask, other=0.0))
 
 
 @triton.jit
@@ -144,6 +170,7 @@ def _prefill_kernel(
     s_ot, s_oh,
     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -181,7 +208,13 @@ def _prefill_kernel(
         kv_off = kv_tok[:, None] + offs_d[None, :]  # (BLOCK_N, D)
         k = tl.load(cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
         v = tl.load(cache_ptr + s_ckv + kv_off, mask=n_mask[:, None], other=0.0)
+        if QUANT:
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2e  # (BLOCK_M, BLOCK_N)
+        if QUANT:
+            k_scale, v_scale = _row_scales(cache_ptr, kv_tok, s_ckv, n_mask, D)
+            s = s * k_scale[None, :]
         visible = (offs_n[None, :] <= qpos[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
         # Position 0 is visible to every row (padding rows included) and lies in the
@@ -190,6 +223,8 @@ def _prefill_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
+        if QUANT:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m = m_new
 
@@ -262,7 +297,8 @@ def decode_attention(
     config: TileConfig | None = None,
 ) -> None:
     """Launch the decode kernel (+ the split reduction) for the query_len == 1 sequences."""
-    _, _, bs, hkv, d = kv_cache.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    d = q.shape[2]
     hq = q.shape[1]
     g = hq // hkv
     cfg = config or decode_config(q.dtype, d)
@@ -287,7 +323,7 @@ def decode_attention(
         per_split,
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs,
         BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps,
+        QUANT=kv_cache.dtype in _QUANT, num_warps=cfg.num_warps,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(b, hq)](
@@ -307,7 +343,8 @@ def prefill_attention(
     config: TileConfig | None = None,
 ) -> None:
     """Launch the varlen prefill kernel for the query_len > 1 sequences."""
-    _, _, bs, hkv, d = kv_cache.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    d = q.shape[2]
     g = q.shape[1] // hkv
     cfg = config or prefill_config(q.dtype, d)
     grid = (meta.num_seqs, hkv, triton.cdiv(meta.max_query_len * g, cfg.block_m))
@@ -319,7 +356,8 @@ def prefill_attention(
         meta.block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=g, D=d, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps,
+        DOT_PREC=_dot_precision(q.dtype), QUANT=kv_cache.dtype in _QUANT,
+        num_warps=cfg.num_warps,
     )
 
 
@@ -350,11 +388,13 @@ def _check_inputs(
                          f"{tuple(kv_cache.shape)}")
     t, hq, d = q.shape
     bs, hkv = kv_cache.shape[2], kv_cache.shape[3]
-    if kv_cache.shape[4] != d:
-        raise ValueError(f"kv_cache head_dim {kv_cache.shape[4]} != q head_dim {d}")
+    quant = kv_cache.dtype in _QUANT
+    if kv_cache.shape[4] != d + (4 if quant else 0):
+        raise ValueError(f"kv_cache rows of {kv_cache.shape[4]} do not fit q head_dim {d}"
+                         + (" + a 4-byte scale" if quant else ""))
     if hq % hkv:
         raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
-    if q.dtype not in _DTYPES or kv_cache.dtype != q.dtype:
+    if q.dtype not in _DTYPES or (kv_cache.dtype != q.dtype and not quant):
         raise ValueError(f"q/kv_cache dtypes {q.dtype}/{kv_cache.dtype}: need one of {_DTYPES}")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head_dim must be a power of two >= 16, got {d}")

@@ -4,6 +4,11 @@ Slot s lives at block s // block_size, offset s % block_size of one layer's view
 (num_blocks, 2, block_size, Hkv, D), whatever its strides. A block of the full
 cross-layer cache (num_blocks, num_layers, 2, block_size, Hkv, D) is one contiguous
 region, so gather/scatter are flat copies of ``block_numel`` elements per block id.
+
+A quantized cache (kernels/kv_quant.py: int8 or fp8 rows of D values then their fp32
+scale, so the last dimension is D + 4) is quantized on write by the store kernel (per
+(token, head) absmax, the torch path's arithmetic, round half to even for int8); gather
+and scatter copy its bytes, scales included.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_QUANT = (torch.int8, torch.float8_e4m3fn)
+_BLOCK_DTYPES = _DTYPES + _QUANT  # what gather/scatter copy
 _COPY_CHUNK = 4096  # elements per gather/scatter program
 
 
@@ -25,6 +32,7 @@ def _store_kv_kernel(
     num_slots,
     HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -36,10 +44,35 @@ def _store_kv_kernel(
     mask = (offs_h[:, None] < tl.where(ok, HKV, 0)) & (offs_d[None, :] < D)  # (BLOCK_H, BLOCK_D)
     k = tl.load(k_ptr + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :] * s_kd, mask=mask)
     v = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :] * s_vd, mask=mask)
-    dst = cache_ptr + (slot // BS) * s_cb + (slot % BS) * s_ct
-    dst = dst + offs_h[:, None] * s_ch + offs_d[None, :] * s_cd
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + s_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    row = cache_ptr + (slot // BS) * s_cb + (slot % BS) * s_ct + offs_h * s_ch  # (BLOCK_H,)
+    dst = row[:, None] + offs_d[None, :] * s_cd
+    if QUANT:
+        h_mask = offs_h < tl.where(ok, HKV, 0)
+        _store_quantized(dst, row + D, k.to(tl.float32), mask, h_mask, IS_INT8, QMAX)
+        _store_quantized(dst + s_ckv, row + s_ckv + D, v.to(tl.float32), mask, h_mask,
+                         IS_INT8, QMAX)
+    else:
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + s_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_quantized(dst, scale_at, x, mask, h_mask, IS_INT8: tl.constexpr,
+                     QMAX: tl.constexpr):
+    """Rows x (BLOCK_H, BLOCK_D) fp32 -> values at dst, fp32 scales at scale_at (bytes
+    after each row's values): s = absmax / QMAX, q = x / s (int8: rounded half to even,
+    as torch.round; fp8: the conversion's own rounding), an all-zero row s = 0."""
+    x = tl.where(mask, x, 0.0)
+    s = tl.max(tl.abs(x), 1) / QMAX  # (BLOCK_H,)
+    y = x / tl.where(s > 0.0, s, 1.0)[:, None]
+    if IS_INT8:
+        r = tl.floor(y + 0.5)
+        tie_to_odd = ((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) == 1.0)
+        y = tl.minimum(tl.maximum(tl.where(tie_to_odd, r - 1.0, r), -QMAX), QMAX)
+    else:
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    tl.store(dst, y.to(dst.dtype.element_ty), mask=mask)
+    tl.store(scale_at.to(tl.pointer_type(tl.float32)), s, mask=h_mask)
 
 
 @triton.jit
@@ -78,16 +111,23 @@ def store_kv_triton(
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must both be (T, Hkv, D), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or kv_cache.shape[3:] != k.shape[1:]:
+    quant = kv_cache.dtype in _QUANT
+    row = k.shape[2] + (4 if quant else 0)  # a quantized row: D values, then an fp32 scale
+    if (kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or kv_cache.shape[3] != k.shape[1]
+            or kv_cache.shape[4] != row):
         raise ValueError(f"kv_cache {tuple(kv_cache.shape)} is not (num_blocks, 2, block_size, "
-                         f"{k.shape[1]}, {k.shape[2]})")
+                         f"{k.shape[1]}, {row})")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be ({k.shape[0]},) int32/int64, got "
                          f"{tuple(slot_mapping.shape)} {slot_mapping.dtype}")
-    if kv_cache.dtype not in _DTYPES or k.dtype not in _DTYPES or v.dtype not in _DTYPES:
+    if (kv_cache.dtype not in _BLOCK_DTYPES or k.dtype not in _DTYPES
+            or v.dtype not in _DTYPES):
         raise ValueError(f"unsupported dtypes k={k.dtype} v={v.dtype} cache={kv_cache.dtype}")
     _same_device(kv_cache, k, v, slot_mapping)
-    nb, _, bs, hkv, d = kv_cache.shape
+    if quant and kv_cache.stride(4) != 1:
+        raise ValueError("a quantized cache needs contiguous rows (values, then the scale)")
+    nb, _, bs, hkv, _ = kv_cache.shape
+    d = k.shape[2]
     if bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two, got {bs}")
     if k.shape[0] == 0:
@@ -98,6 +138,8 @@ def store_kv_triton(
         nb * bs,
         HKV=hkv, D=d, BS=bs,
         BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
+        QUANT=quant, IS_INT8=kv_cache.dtype == torch.int8,
+        QMAX=127.0 if kv_cache.dtype == torch.int8 else 448.0,
     )
 
 
@@ -129,8 +171,9 @@ def scatter_blocks_triton(
     if src.shape != (ids.shape[0], *cache.shape[1:]) or not src.is_contiguous():
         raise ValueError(f"src must be a contiguous {(ids.shape[0], *cache.shape[1:])} tensor, "
                          f"got {tuple(src.shape)}")
-    if src.dtype not in _DTYPES or src.device != cache.device:
-        raise ValueError(f"src must be float on {cache.device}, got {src.dtype} on {src.device}")
+    if src.dtype not in _BLOCK_DTYPES or src.device != cache.device:
+        raise ValueError(f"src must be a KV dtype on {cache.device}, got {src.dtype} on "
+                         f"{src.device}")
     _copy(src, cache, ids, gather=False)
 
 
@@ -149,8 +192,8 @@ def _copy(src: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor, gather: bool)
 
 def _check_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Validate the cache and ids; returns the ids on the cache's device."""
-    if cache.dim() < 2 or cache.dtype not in _DTYPES:
-        raise ValueError(f"cache must be a float (num_blocks, *block_shape) tensor, got "
+    if cache.dim() < 2 or cache.dtype not in _BLOCK_DTYPES:
+        raise ValueError(f"cache must be a KV (num_blocks, *block_shape) tensor, got "
                          f"{tuple(cache.shape)} {cache.dtype}")
     if not cache[0].is_contiguous():
         raise ValueError("each block of the cache must be one contiguous region "
