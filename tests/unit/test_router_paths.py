@@ -551,9 +551,13 @@ def test_concurrent_requests_spread_over_decode_workers(cluster: FakeCluster) ->
     run(go())
 
 
-def test_full_or_dead_decode_worker_is_skipped(cluster: FakeCluster) -> None:
+def test_full_or_dead_decode_worker_is_skipped(cluster: FakeCluster,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The first choice has no room, or its actor is already gone: the next one takes
-    it, and only the worker that holds the reservation hears of a later cancel."""
+    it at once (not after a wait for room), and only the worker that holds the
+    reservation hears of a later cancel."""
+    monkeypatch.setattr(placement_mod, "ROOM_POLL_S", 1000.0)
+
     async def go() -> None:
         router = await start(cluster, decode_workers=3)
         first, second, third = cluster.live("decode")
@@ -570,6 +574,42 @@ def test_full_or_dead_decode_worker_is_skipped(cluster: FakeCluster) -> None:
         assert ("abort", "z@1") not in first.calls
         first.free_blocks = saved
         assert not first.reserved and not third.reserved and third.blocks_owned == 0
+        await router.shutdown()
+    run(go())
+
+
+def test_concurrent_reservations_each_count_their_blocks(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        d = handle(router, decode.worker_id)
+        decode.reserve_gate.clear()
+        cluster.live("prefill")[0].prefill_gate.clear()
+        tasks = [asyncio.ensure_future(collect(router, request_id=r)) for r in "ab"]
+        await until(lambda: len(decode.calls) == 2, "both reserving")
+        decode.reserve_gate.set()
+        await until(lambda: len(decode.reserved) == 2, "both reserved")
+        assert d.fresh_blocks == 2  # one block each, until the next step report
+        cluster.live("prefill")[0].prefill_gate.set()
+        for toks, _ in await asyncio.gather(*tasks):
+            assert toks == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_short_deadline_still_waits_for_room(cluster: FakeCluster) -> None:
+    """Under a second left is still time to wait: room that comes in time is taken."""
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        saved, decode.free_blocks = decode.free_blocks, []
+        task = asyncio.ensure_future(collect(router, timeout_s=0.9))
+        await until(lambda: router.num_queued == 1, "waiting for room")
+        decode.free_blocks = saved
+        await router.placement.room_changed()
+        assert (await task)[0] == expected(PROMPT, 12)
+        await settle(router, cluster)
         await router.shutdown()
     run(go())
 
