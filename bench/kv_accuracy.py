@@ -17,6 +17,7 @@ and rotary + store). tests/unit/test_kv_quant_accuracy.py uses it with tolerance
 
     python bench/kv_accuracy.py [--kv-dtype int8] [--prompts 8] [--tokens 128]
         [--out bench/results/kv-accuracy-cpu.json]
+    python bench/kv_accuracy.py --granularity --out bench/results/kv-accuracy-cpu.json
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from engine import LLM, SamplingParams
 from engine.kv_layout import KVLayout
 from engine.model import ForwardContext, LlamaModel
 from kernels import AttentionMetadata
+from kernels.kv_quant import dequantize, quantize
 
 TEXT = Path(__file__).with_name("kv_accuracy_text.txt")
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -83,6 +85,24 @@ def chosen_logprobs(model: LlamaModel, cache: torch.Tensor, tokens: Sequence[int
     lp = torch.cat(out)[:-1]
     target = torch.tensor(list(tokens[1:]), device=lp.device)
     return lp.gather(1, target[:, None]).squeeze(1).float().cpu()
+
+
+def granularity_errors(cache: torch.Tensor, num_tokens: int) -> dict[str, float]:
+    """Relative round-trip error (||x - deq(q(x))|| / ||x||, K and V of every layer) of
+    the real KV in an fp32 ``cache`` holding ``num_tokens`` tokens from block 1 on, for
+    int8 scales per (token, head) row -- what kernels.kv_quant stores -- and per
+    (block, layer, K/V, head) absmax, the coarser alternative."""
+    bs = cache.shape[3]
+    n = num_tokens // bs  # whole blocks only, so no zero padding dilutes a block's absmax
+    x = cache[1 : 1 + n].float()  # (n, L, 2, bs, Hkv, D)
+    per_row = dequantize(quantize(x, torch.int8))
+    s_blk = x.abs().amax(dim=(3, 5), keepdim=True) / 127.0  # (n, L, 2, 1, Hkv, 1)
+    per_block = (x / torch.where(s_blk > 0, s_blk, 1.0)).round().clamp(-127, 127) * s_blk
+
+    def rel(y: torch.Tensor) -> float:
+        return ((y - x).norm() / x.norm()).item()
+
+    return {"per_token_head": rel(per_row), "per_block_head": rel(per_block)}
 
 
 def perplexity(logprobs: torch.Tensor) -> float:
@@ -143,6 +163,18 @@ def run(kv_name: str, n_prompts: int, n_tokens: int, threads: int) -> dict:
     }
 
 
+def granularity(threads: int) -> dict:
+    """One fp32 pass over the text, then both scale granularities' error on its KV."""
+    torch.set_num_threads(threads)
+    llm = LLM(num_threads=threads, num_kv_blocks=2)
+    model = llm.engine.runner.model
+    text = llm.engine.tokenize(TEXT.read_text())
+    cache = cache_for(model, len(text), None)
+    chosen_logprobs(model, cache, text, chunk=256)
+    return {"text_tokens": len(text), "int8_relative_rms_error": granularity_errors(
+        cache, len(text))}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="int8")
@@ -150,7 +182,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--granularity", action="store_true",
+                   help="only measure the round-trip error of per-(token, head) vs "
+                        "per-(block, head) int8 scales on the model's KV of the text, and "
+                        "add it to --out if that file exists")
     a = p.parse_args(argv)
+    if a.granularity:
+        g = granularity(a.threads)
+        g["command"] = "python bench/kv_accuracy.py " + " ".join(argv or sys.argv[1:])
+        print(json.dumps(g, indent=2))
+        if a.out and a.out.exists():
+            res = json.loads(a.out.read_text())
+            res["granularity"] = g
+            a.out.write_text(json.dumps(res, indent=2) + "\n")
+        return
     res = run(a.kv_dtype, a.prompts, a.tokens, a.threads)
     res["command"] = "python bench/kv_accuracy.py " + " ".join(argv or sys.argv[1:])
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),

@@ -18,6 +18,10 @@ has already loaded (one thread pool, not two) and uses torch's thread count.
 
 Anything going wrong (no compiler, a failed build, ``PDSERVE_NATIVE_KERNELS=0``) logs
 one line and makes ``available()`` false; callers then use the torch path.
+
+An int8 cache (kernels/kv_quant.py rows: int8 values, then their fp32 scale) goes to the
+``*_i8`` entry points, chosen by the cache's dtype: attention dequantizes 16-key tiles
+in its loops, rotary + store quantizes on write.
 """
 
 from __future__ import annotations

@@ -6,6 +6,16 @@ pass over the bytes. Both caches are in engine.kv_layout's layout, so a block is
 contiguous region of ``block_numel`` elements and block ``i`` starts at ``i *
 block_numel``. On CPU tensors (tests, the kit's dry run) a torch index_select /
 index_copy_ does the same.
+
+Quantized caches (``--kv-cache-dtype int8``/``fp8``, kernels/kv_quant.py): each (token,
+head) row is head_dim one-byte values followed by its fp32 scale, inside the block. So
+this copy, ``kernels.gather_blocks``/``scatter_blocks``, every backend and any other
+mover of whole blocks (the prefix cache's spill tier, a collective backend) carry the
+scales with the blocks as long as they copy whole blocks byte for byte: never slice a
+quantized block to head_dim, never cast it (``.to(float)`` of int8 values drops the
+scales' meaning); dequantize with ``kv_quant.dequantize`` when float values are needed.
+Both ends' caches must have the same KVSpec (dtype and scale layout): senders call
+``kvtransfer.base.check_spec`` before moving anything.
 """
 
 from __future__ import annotations
