@@ -26,10 +26,11 @@ import os
 from typing import NamedTuple
 
 # Share of (this engine's part of the host's available memory, less its weights) the KV
-# pool takes. 0.4: `make run` (1 prefill + 1 decode worker of the 135M model, the router
-# and Ray) on an 8 GB laptop with ~5.5 GB available gives each worker a ~0.6 GiB pool
-# (~14k tokens) and stays ~1.5 GB short of swapping; see docs/operations.md.
-CPU_KV_FRACTION = 0.4
+# pool takes. 0.3: `make run` (1 prefill + 1 decode worker of the 135M model, the router
+# and Ray) on an 8 GB laptop with ~5.5 GB available gives each worker a ~0.47 GiB pool
+# (~10k tokens); a worker is ~1.6 GB besides its pool (measured), so the deployment takes
+# ~4.8 GB of the 5.5 (docs/operations.md, Memory sizing).
+CPU_KV_FRACTION = 0.3
 _CGROUP_V2 = "/sys/fs/cgroup"
 _CGROUP_V1 = "/sys/fs/cgroup/memory"
 

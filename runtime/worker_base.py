@@ -32,6 +32,9 @@ class WorkerBase(abc.ABC):
         self.worker_id = config.worker_id
         self.engine = engine
         self.aborted = AbortedIds()  # refuse calls that arrive after their abort
+        # Printed, not logged: Ray forwards an actor's stdout to the driver's terminal,
+        # and workers configure no logging.
+        print(f"{self.worker_id}: KV pool {engine.pool_size().describe()}", flush=True)
         self.loop = EngineLoop(engine, self._on_outputs, name=f"{self.worker_id}-engine")
         self.loop.start()
 
