@@ -89,7 +89,8 @@ async def settle(router: Router, cluster: FakeCluster) -> None:
 
 
 def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    # A bound on a test that hangs (a mutation run meets many): they take ~0.5 s.
+    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_disaggregated_tokens_and_blocks(cluster: FakeCluster) -> None:
