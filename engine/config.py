@@ -356,14 +356,16 @@ def _host_memory() -> int:
 
 def _cpu_num_blocks(model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig,
                     elem: int, per_block: int) -> int:
-    """A budget of host memory (engine.pool_sizing), at least one full-length sequence,
-    at most four per seat (as on GPUs)."""
+    """A budget of host memory (engine.pool_sizing), at least one sequence of up to
+    4096 tokens, at most four full-length sequences per seat (as on GPUs)."""
     from engine.pool_sizing import cpu_pool_bytes
 
     share = cache.host_share if cache.host_share is not None else 1.0
     pool = cpu_pool_bytes(_host_memory(), share, model.num_params() * elem)
     max_len = min(sched.max_model_len or model.max_position_embeddings, MAX_POSITIONS_CAP)
-    one_seq = cdiv(max_len, cache.block_size) + 1
+    # The floor stops at 4096 tokens: a 32k-context model's full length would be a
+    # multi-GiB floor on a host that has no room for it.
+    one_seq = cdiv(min(max_len, 4096), cache.block_size) + 1
     cap = 4 * sched.max_num_seqs * cdiv(max_len, cache.block_size) + 1
     return max(2, one_seq, min(pool // per_block, cap))
 

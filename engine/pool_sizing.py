@@ -13,8 +13,9 @@ loaded state dict and the model's packed copy are both alive while the model is 
 The rest (CPU_KV_FRACTION's complement) is left for activations, the allocator's
 slack, Ray, the router and whatever else runs on the machine.
 
-The budget is bounded below by one full-length sequence (a pool that cannot hold one
-request serves nothing) and above by four full-length sequences per seat, as on GPUs:
+The budget is bounded below by one sequence of up to 4096 tokens (a pool that cannot
+hold one request serves nothing) and above by four full-length sequences per seat, as
+on GPUs:
 beyond that the extra blocks would only hold prefix cache, each one a Python object.
 
 Importable without torch, like engine.config.

@@ -63,6 +63,9 @@ def test_bounds_one_sequence_below_four_per_seat_above(monkeypatch: pytest.Monke
     sched = SchedulerConfig(max_num_seqs=2, max_model_len=1024)
     host(monkeypatch, 0)  # nothing available: still one full-length sequence
     assert default_num_blocks(SMOL, CacheConfig(), sched, torch.float32) == cdiv(1024, 16) + 1
+    # ... up to 4096 tokens: a 32k-token floor would be 8 GiB for an 8B model in fp32.
+    assert default_num_blocks(get_preset("llama-3-8b"), CacheConfig(), SchedulerConfig(),
+                              torch.float32) == 4096 // 16 + 1
     host(monkeypatch, 1 << 50)  # a petabyte: four full-length sequences per seat
     assert default_num_blocks(SMOL, CacheConfig(), sched, torch.float32) \
         == 4 * 2 * cdiv(1024, 16) + 1
