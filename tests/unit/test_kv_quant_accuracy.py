@@ -3,10 +3,11 @@
 The embedded model reads a fixed text (the start of bench/kv_accuracy_text.txt) in
 128-token chunks; every chunk after the first reads the first from the cache, as a
 decode worker reads a prefill worker's shipped blocks. Perplexity over those later
-tokens with the int8 cache must be within 2 % of the fp32 cache's (measured: ~0.4 % on
-the whole text, docs/benchmarks.md). The same run with the first chunk's scales
-doubled, or zeroed (blocks shipped without their scales), must fall outside it: the
-controls show the tolerance catches what it is for.
+tokens with the int8 cache must be within 2 % of the fp32 cache's (measured: -0.4 %
+here, +0.36 % on the whole text, docs/benchmarks.md). The same run with the first
+chunk's scales doubled, or zeroed (blocks shipped without their scales), must fall
+outside it (measured: 1500x and 11x the fp32 perplexity): the controls show the
+tolerance catches what it is for.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bench.kv_accuracy import TEXT, cache_for, chosen_logprobs, perplexity
 from engine import LLM
 from kernels.kv_quant import scales
 
-CHUNK, TOKENS = 128, 384
+CHUNK, TOKENS = 128, 256
 FIRST_BLOCKS = slice(1, 1 + CHUNK // 16)  # the blocks of the first chunk (block 0: null)
 
 
