@@ -124,7 +124,7 @@ def main(mode: str, runs: int, out: str | None) -> int:
               "setup": f"{STREAMS} greedy streams of {STREAM_TOKENS} tokens; bursts: a "
                        f"{BURST_PROMPT}-token prompt ({BURST_TOKENS} output tokens) every "
                        f"{BURST_EVERY_S:g} s; client inter-token gaps",
-              **measure(dep, runs, out_path.parent / "contention-logs")}
+              **measure(dep, runs, out_path.parent / "contention" / "logs")}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({"median_p99_ratio": result["median_p99_ratio"]}))

@@ -291,8 +291,8 @@ def run(cfg: OverheadConfig) -> dict[str, object]:
     jobs_by_n = {n: workload(cfg.model, n) for n in streams}
     w2 = jobs_by_n[32]
     out_dir = cfg.out.parent
-    log_dir = out_dir / "overhead-logs"
-    prof = out_dir / "overhead-profile" if cfg.profile else None
+    log_dir = out_dir / "overhead" / "logs"  # ignored by git, as every bench log dir
+    prof = log_dir / "profile" if cfg.profile else None  # py-spy raw stacks
     result: dict[str, object] = {
         "command": "pdserve bench " + " ".join(sys.argv[1:]),
         "machine": machine(),
