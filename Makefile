@@ -98,7 +98,8 @@ MUTATION_TESTS ?= tests/unit/test_block_pool.py tests/unit/test_block_ledger.py 
 	tests/unit/test_sampling_params.py tests/unit/test_detokenizer.py \
 	$(wildcard tests/unit/test_*_edges.py)
 MUTATION_ROUTER_TESTS ?= tests/unit/test_router_lifecycle.py \
-	$(wildcard tests/unit/test_router_abort_order.py tests/unit/test_router_paths.py)
+	$(wildcard tests/unit/test_router_abort_order.py tests/unit/test_router_paths.py \
+	  tests/unit/test_token_coalescing.py)
 # The packages a mutated module's tests import; each run mutates one and copies the rest
 # into its scratch tree, so nothing is imported from the (changing) working tree.
 MUTATION_PACKAGES := engine kernels kvtransfer messages proto router runtime

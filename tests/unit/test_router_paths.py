@@ -458,6 +458,23 @@ def test_stale_events_from_another_worker_are_dropped(cluster: FakeCluster) -> N
     run(go())
 
 
+def test_events_for_unknown_attempts_are_dropped_and_the_worker_kept(
+        cluster: FakeCluster) -> None:
+    """A worker may still report an attempt the router has forgotten (aborted, or from
+    before a restart of the attempt): dropped, and the stream -- and the worker -- go on."""
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        decode.events.put_nowait([TokenEvent("ghost@1", [5], [], "stop")])
+        toks, final = await collect(router)
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        assert not decode.dead and len(cluster.actors) == 2  # not lost, not replaced
+        assert router.registry.live("decode")[0].worker_id == decode.worker_id
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_step_reports_keep_the_last_pool_state(cluster: FakeCluster) -> None:
     """Step batches carry no pool state (it is read once a second): the last one read
     stays, and the fresh-reservation count restarts at each report."""
