@@ -20,7 +20,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -31,6 +32,7 @@ from router.server_config import API_KEY_ENV
 from router.settings import Settings, add_serve_flags, settings_from_args
 
 log = logging.getLogger("pdserve")
+T = TypeVar("T")
 DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
@@ -123,20 +125,44 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
     try:
         log.info("starting %s on %s", _describe(rc), rc.ray_address or "a local Ray")
         try:
-            await service.start()
+            await _unless_stopped(service.start(), stop)
         except OSError as e:
             print(f"pdserve serve: {e}", file=sys.stderr)
             return 1
         print_usage(service)
         if demo:
-            status = await run_demo(service.target, settings)
+            status = await _unless_stopped(run_demo(service.target, settings), stop)
         if keep_serving:
             print("serving; Ctrl-C to stop", flush=True)
             await stop.wait()
+    except _Stopped:
+        log.info("stopped by a signal before the service was up")
     finally:
         await service.stop()
         ray.shutdown()
     return status
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT came while serve() was still starting up (or running its demo)."""
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T:
+    """``work``, unless the stop signal comes first: then it is cancelled and _Stopped
+    raised. A start that waits for workers (model loads; a role no node can host yet)
+    would otherwise hold the signal until it ended, which may be never."""
+    task = asyncio.ensure_future(work)
+    signalled = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise _Stopped
 
 
 def init_ray(rc: RouterConfig) -> None:

@@ -92,3 +92,35 @@ def test_sigterm_refuses_new_calls_and_ends_streams_with_abort() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+def test_sigterm_while_workers_load_stops_the_start() -> None:
+    """The signal during startup (workers still loading -- or a role no node can host,
+    which may never end) cancels the start: the service never announces itself and the
+    process exits 0, instead of holding the signal until the workers are up."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve", "--port", str(port),
+         "--metrics-port", "0", "--http-port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        for _ in range(600):  # the port answers first; the workers load after it
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the server's port never answered")
+        assert status != health_pb2.HealthCheckResponse.SERVING, "workers loaded already"
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert "pdserve is serving" not in out, out
+        assert "stopped by a signal before the service was up" in out, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
