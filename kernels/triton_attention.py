@@ -97,16 +97,15 @@ def _decode_split_kernel(
             v = v.to(tl.float32).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2e  # (BLOCK_G, BLOCK_N)
         if QUANT:
-            k_scale, v_scale = _row_scales(cache_ptr, tok, s_ckv, n_mask, D)
-            s = s * k_scale[None, :]
+            s = s * _row_scales(cache_ptr, tok, n_mask, D)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile has a visible token (start < kv_hi), so m_new is finite.
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        if QUANT:
-            p = p * v_scale[None, :]
+        if QUANT:  # (names bound under a constexpr if do not outlive it: load here)
+            p = p * _row_scales(cache_ptr + s_ckv, tok, n_mask, D)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m = m_new
 
@@ -125,12 +124,12 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _row_scales(cache_ptr, tok, s_ckv, n_mask, D: tl.constexpr):
-    """The fp32 scales of the K and V rows at ``tok`` (BLOCK_N,): the 4 bytes after each
-    row's D one-byte values; 0 for masked tokens."""
-    k_at = (cache_ptr + tok + D).to(tl.pointer_type(tl.float32))
-    v_at = (cache_ptr + s_ckv + tok + D).to(tl.pointer_type(tl.float32))
-    return (tl.load(k_at, mask=n_mask, other=0.0), tl.load(v_at, mask=n_mask, other=0.0))
+def _row_scales(base_ptr, tok, n_mask, D: tl.constexpr):
+    """The fp32 scales of the rows at ``base_ptr + tok`` (BLOCK_N,) -- K rows from the
+    cache pointer, V rows from it + the K/V stride: the 4 bytes after each row's D
+    one-byte values; 0 for masked tokens."""
+    return tl.load((base_ptr + tok + D).to(tl.pointer_type(tl.float32)), mask=n_mask,
+                   other=0.0)
 
 
 @triton.jit
@@ -213,8 +212,7 @@ def _prefill_kernel(
             v = v.to(tl.float32).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2e  # (BLOCK_M, BLOCK_N)
         if QUANT:
-            k_scale, v_scale = _row_scales(cache_ptr, kv_tok, s_ckv, n_mask, D)
-            s = s * k_scale[None, :]
+            s = s * _row_scales(cache_ptr, kv_tok, n_mask, D)[None, :]
         visible = (offs_n[None, :] <= qpos[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
         # Position 0 is visible to every row (padding rows included) and lies in the
@@ -224,7 +222,7 @@ def _prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
         if QUANT:
-            p = p * v_scale[None, :]
+            p = p * _row_scales(cache_ptr + s_ckv, kv_tok, n_mask, D)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m = m_new
 

@@ -58,13 +58,13 @@ def _specs(quick: bool) -> list[Spec]:
             cfg = ta.decode_config(torch_dt, d)
             specs.append(Spec(ta._decode_split_kernel, f"decode {dt} G={g} D={d} S={splits}", io,
                               dict(G=g, BLOCK_G=16, D=d, BS=16, BLOCK_N=cfg.block_n,
-                                   NUM_SPLITS=splits, DOT_PREC=prec),
+                                   NUM_SPLITS=splits, DOT_PREC=prec, QUANT=False),
                               {"num_warps": cfg.num_warps}))
         for g, d in ((4, 128), (1, 64), (3, 256)):
             cfg = ta.prefill_config(torch_dt, d)
             specs.append(Spec(ta._prefill_kernel, f"prefill {dt} G={g} D={d}", io,
                               dict(G=g, D=d, BS=16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                   DOT_PREC=prec),
+                                   DOT_PREC=prec, QUANT=False),
                               {"num_warps": cfg.num_warps}))
         if quick and dt == "fp32":
             continue
@@ -75,7 +75,8 @@ def _specs(quick: bool) -> list[Spec]:
         specs.append(Spec(tc._store_kv_kernel, f"store_kv {dt}",
                           {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "cache_ptr": f"*{dt}",
                            "slot_ptr": "*i64"},
-                          dict(HKV=8, D=128, BS=16, BLOCK_H=8, BLOCK_D=128)))
+                          dict(HKV=8, D=128, BS=16, BLOCK_H=8, BLOCK_D=128, QUANT=False,
+                               IS_INT8=False, QMAX=127.0)))
         for gather in (True, False):
             specs.append(Spec(tc._copy_blocks_kernel, f"copy_blocks {dt} gather={gather}",
                               {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}", "ids_ptr": "*i64"},
@@ -90,6 +91,25 @@ def _specs(quick: bool) -> list[Spec]:
                           dict(H=32, HALF=64, BLOCK_H=32, BLOCK_HALF=64)))
         specs.append(Spec(tla._silu_and_mul_kernel, f"silu_and_mul {dt}",
                           {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}"}, dict(BLOCK=1024)))
+    # Quantized KV caches (kernels/kv_quant.py), bf16 activations: int8 and fp8 e4m3.
+    for kv in ("i8", "fp8e4nv"):
+        io = {"q_ptr": "*bf16", "cache_ptr": f"*{kv}", "out_ptr": "*bf16",
+              "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", **meta}
+        cfg = ta.decode_config(torch.bfloat16, 128)
+        specs.append(Spec(ta._decode_split_kernel, f"decode bf16 kv={kv} G=4 D=128 S=4", io,
+                          dict(G=4, BLOCK_G=16, D=128, BS=16, BLOCK_N=cfg.block_n,
+                               NUM_SPLITS=4, DOT_PREC="tf32", QUANT=True),
+                          {"num_warps": cfg.num_warps}))
+        cfg = ta.prefill_config(torch.bfloat16, 128)
+        specs.append(Spec(ta._prefill_kernel, f"prefill bf16 kv={kv} G=4 D=128", io,
+                          dict(G=4, D=128, BS=16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                               DOT_PREC="tf32", QUANT=True),
+                          {"num_warps": cfg.num_warps}))
+        specs.append(Spec(tc._store_kv_kernel, f"store_kv bf16 kv={kv}",
+                          {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": f"*{kv}",
+                           "slot_ptr": "*i64"},
+                          dict(HKV=8, D=128, BS=16, BLOCK_H=8, BLOCK_D=128, QUANT=True,
+                               IS_INT8=kv == "i8", QMAX=127.0 if kv == "i8" else 448.0)))
     return specs
 
 
