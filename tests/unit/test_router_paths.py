@@ -21,7 +21,7 @@ from messages import PoolState, PrefillAborted, TokenEvent, TokenLogprobs
 from messages.transfer import KVTransferError
 from router import placement as placement_mod
 from router.core import Router
-from router.errors import NoWorkersError, RequestFailedError
+from router.errors import NoWorkersError, QueueFullError, RequestFailedError
 from router.lifecycle import MAX_PLACEMENTS
 from router.request_state import Delta, Events, Phase, RouterRequest
 from router.routing import block_hashes
@@ -579,6 +579,7 @@ def test_full_or_dead_decode_worker_is_skipped(cluster: FakeCluster,
         router = await start(cluster, decode_workers=3)
         first, second, third = cluster.live("decode")
         saved, first.free_blocks = first.free_blocks, []
+        cluster.ready.clear()  # no replacement comes up to wake a waiter
         second.dead = True  # calls fail as from a dead actor; its lifeline has not told
         cluster.live("prefill")[0].prefill_gate.clear()
         task = asyncio.ensure_future(collect(router, request_id="z"))
@@ -591,6 +592,33 @@ def test_full_or_dead_decode_worker_is_skipped(cluster: FakeCluster,
         assert ("abort", "z@1") not in first.calls
         first.free_blocks = saved
         assert not first.reserved and not third.reserved and third.blocks_owned == 0
+        cluster.ready.set()
+        await router.shutdown()
+    run(go())
+
+
+def test_the_queue_bound_holds_for_requests_admitted_together(cluster: FakeCluster) -> None:
+    """Three requests admitted at once, no room anywhere, max_queue=2: two wait, the
+    third is refused (QUEUE_FULL) when it would be the third to wait."""
+    async def go() -> None:
+        router = await start(cluster, max_queue=2)
+        decode = cluster.live("decode")[0]
+        saved, decode.free_blocks = decode.free_blocks, []
+        tasks = [asyncio.ensure_future(collect(router, request_id=r)) for r in "abc"]
+        await until(lambda: sum(t.done() for t in tasks) == 1, "one refused")
+        [refused] = [t for t in tasks if t.done()]
+        with pytest.raises(QueueFullError,
+                           match=re.escape("2 requests already wait for KV room "
+                                           "(max_queue=2)")):
+            refused.result()
+        assert router.placement.waiting == 2
+        decode.free_blocks = saved
+        await router.placement.room_changed()
+        for t in tasks:
+            if t is not refused:
+                assert (await t)[0] == expected(PROMPT, 12)
+        assert router.placement.waiting == 0
+        await settle(router, cluster)
         await router.shutdown()
     run(go())
 
