@@ -106,3 +106,16 @@ def test_specs_refuse_a_dtype_mismatch_on_both_ends() -> None:
     with pytest.raises(KVTransferError, match="int8 KV"):
         check_handle(handle, s32, [1, 2, 3])
     check_handle(handle, s8, [1, 2, 3])
+
+
+def test_serve_flag_reaches_every_role() -> None:
+    from router.cli import parser
+    from router.settings import settings_from_args
+
+    r = settings_from_args(parser().parse_args(["serve", "--kv-cache-dtype", "int8"])).router
+    assert {r.worker_engine(role).cache.kv_cache_dtype
+            for role in ("prefill", "decode", "colocated")} == {"int8"}
+    default = settings_from_args(parser().parse_args(["serve"])).router
+    assert default.engine.cache.kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):  # argparse refuses a dtype it does not offer
+        parser().parse_args(["serve", "--kv-cache-dtype", "int4"])
