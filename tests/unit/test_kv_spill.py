@@ -217,3 +217,25 @@ def test_an_int8_tier_stays_within_its_tolerance(never_evicted: Run) -> None:
         assert n >= 1
         for a, b in zip(lps[:n], ref_lps[:n], strict=False):
             assert abs(a - b) <= INT8_LOGPROB_TOLERANCE
+
+
+def test_a_prefill_worker_ships_restored_blocks_as_computed() -> None:
+    # hold_blocks (what prefill workers do): the blocks a transfer would ship, read
+    # with the transfers' gather, hold the same KV whether restored or kept in the pool.
+    rng = random.Random(1)
+    prefixes = [[rng.randrange(3, 500) for _ in range(32)] for _ in range(PREFIXES)]
+    shipped = []
+    for e in (engine(num_blocks=128), engine(num_blocks=24, spill_bytes=1 << 20)):
+        for rnd in range(2):
+            for i, p in enumerate(prefixes):
+                rid = e.add_request([*p, 7, 8, rnd + 9], SamplingParams(max_tokens=1),
+                                    request_id=f"r{rnd}-{i}", hold_blocks=True)
+                while e.has_unfinished():
+                    e.step()
+                if rnd == 1:
+                    shipped.append(e._gather_blocks(e.held_blocks(rid)[:8]))
+                e.release(rid)
+        e.audit()
+    assert e.stats().spill_hits == PREFIXES * 8  # the second engine restored them all
+    for kept, restored in zip(shipped[:PREFIXES], shipped[PREFIXES:], strict=True):
+        assert torch.equal(kept, restored)
