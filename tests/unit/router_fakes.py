@@ -103,6 +103,8 @@ class FakeActor:
     # decode: the cached-token count each start was given (the engine reports it).
     started_cached: dict[str, int] = field(default_factory=dict)
     start_delay_s: float = 0.0  # how long importing the KV takes
+    pool_report: Any = None  # a PoolState its step batches carry (the real one: 1/s)
+    stream_broken: bool = False  # the token stream fails while the actor lives on
     running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
     aborted: set[str] = field(default_factory=set)
     sent_to: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # prefill: KV dest
@@ -211,7 +213,7 @@ class FakeActor:
         free = len(self.free_blocks)
         eng = EngineStats(len(self.running), 0, free, self.num_blocks,
                           1 - free / self.num_blocks, 0, 0, 0)
-        return WorkerStats(self.worker_id, self.role, eng, 0)
+        return WorkerStats(self.worker_id, self.role, eng, 0, pool=self.pool_report)
 
     async def _abort(self, request_id: str) -> bool:
         self._record("abort", request_id)
@@ -270,6 +272,10 @@ class FakeActor:
         self.running[request_id] = {"seq": list(tokens), "left": params.max_tokens,
                                     "blocks": blocks, "cached": self.prefill_report[0]}
 
+    def break_stream(self) -> None:
+        self.stream_broken = True
+        self.events.put_nowait([])
+
     def preempt(self, request_id: str) -> None:
         """Preempt a running request (its pool ran short): blocks freed, "migrated"."""
         self._free(self.running.pop(request_id)["blocks"])
@@ -302,6 +308,8 @@ class FakeActor:
                 events = await self.events.get()
                 if self.dead:
                     break
+                if self.stream_broken:
+                    raise RuntimeError("the token stream broke (fake)")
                 fut: asyncio.Future[StepBatch] = asyncio.get_running_loop().create_future()
                 fut.set_result(StepBatch(self.worker_id, events, await self._stats()))
                 yield fut

@@ -25,6 +25,7 @@ from router.errors import NoWorkersError, QueueFullError, RequestFailedError
 from router.lifecycle import MAX_PLACEMENTS
 from router.request_state import Delta, Events, Phase, RouterRequest
 from router.routing import block_hashes
+from router.streams import coalesce
 from tests.unit.router_fakes import FakeCluster
 from tests.unit.test_router_lifecycle import (
     PARAMS,
@@ -473,6 +474,47 @@ def test_events_for_unknown_attempts_are_dropped_and_the_worker_kept(
         await settle(router, cluster)
         await router.shutdown()
     run(go())
+
+
+def test_a_pool_state_in_a_step_report_replaces_the_last(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        d = handle(router, decode.worker_id)
+        await until(lambda: d.stats is not None, "stats")
+        old = PoolState(**{f.name: 1 for f in dataclasses.fields(PoolState)})
+        new = PoolState(**{f.name: 2 for f in dataclasses.fields(PoolState)})
+        d.stats = dataclasses.replace(d.stats, pool=old)
+        decode.pool_report = new
+        await collect(router)
+        assert d.stats.pool == new
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_broken_token_stream_loses_the_worker(cluster: FakeCluster) -> None:
+    """The stream is how the router hears a decode worker: when it breaks, the worker
+    is dropped and replaced even though its actor still answers."""
+    async def go() -> None:
+        router = await start(cluster)
+        old = cluster.live("decode")[0]
+        old.break_stream()
+        await until(lambda: old.worker_id not in router.registry.workers
+                    and router.registry.live("decode"), "replaced")
+        assert (await collect(router))[0] == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_coalesce_says_nothing_is_behind_when_the_queue_ran_dry() -> None:
+    async def go() -> None:
+        q: asyncio.Queue[object] = asyncio.Queue()
+        q.put_nowait(Delta([2], "b", []))
+        merged, behind = coalesce(Delta([1], "a", []), q)  # type: ignore[arg-type]
+        assert (merged.token_ids, merged.text, behind) == ([1, 2], "ab", None)
+    asyncio.run(go())
 
 
 def test_step_reports_keep_the_last_pool_state(cluster: FakeCluster) -> None:
