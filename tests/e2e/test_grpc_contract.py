@@ -141,14 +141,18 @@ def test_ray_cluster_yaml_matches_rays_schema() -> None:
 
 
 def test_kuberay_manifest_serves_pdserve() -> None:
-    m = yaml.safe_load((CLUSTER / "kuberay-raycluster.yaml").read_text())
-    assert (m["apiVersion"], m["kind"]) == ("ray.io/v1", "RayCluster")
+    docs = list(yaml.safe_load_all((CLUSTER / "kuberay-raycluster.yaml").read_text()))
+    [m] = [d for d in docs if d["kind"] == "RayCluster"]
+    assert m["apiVersion"] == "ray.io/v1"
     [head] = m["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     command = " ".join(head["args"])
     assert "pdserve serve --ray-address auto" in command
-    assert head["readinessProbe"]["grpc"]["port"] == 50051
+    # The server runs TLS: the probe asks the HTTPS /ready (tests/unit/test_cluster_files.py
+    # checks the rest of the manifest against KubeRay's CRD).
+    assert head["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8000,
+                                                 "scheme": "HTTPS"}
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-    assert (ports["grpc"], ports["metrics"]) == (50051, 9464)
+    assert (ports["grpc"], ports["pdserve-metrics"]) == (50051, 9464)
     gpus = m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" in gpus["resources"]["limits"]
 
@@ -158,7 +162,7 @@ def test_start_cluster_script() -> None:
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    assert usage.returncode == 2 and "pdserve serve --ray-address" in usage.stdout
+    assert usage.returncode == 2 and "start-cluster.sh serve [PDSERVE_FLAGS...]" in usage.stdout
 
 
 @pytest.mark.slow
