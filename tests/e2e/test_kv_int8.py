@@ -8,14 +8,26 @@ would decode from zeroed or garbage KV and diverge at once.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from engine import LLM
 from engine.config import CacheConfig
-from tests.e2e.runtime_fixtures import GREEDY, RouterHarness, assert_clean, router_config
+from engine.kv_layout import KVLayout
+from kernels import scatter_blocks
+from kernels.kv_quant import dequantize, quantize, scales
+from kvtransfer import KVTransferError, check_handle, make_receiver, make_sender, spec_of
+from tests.e2e.runtime_fixtures import (
+    GREEDY,
+    RouterHarness,
+    assert_clean,
+    ensure_ray,
+    router_config,
+)
 
 N_PROMPTS = 6
 
@@ -43,3 +55,23 @@ def test_int8_disaggregated_equals_offline_int8(harness: RouterHarness) -> None:
     assert [t for t, _ in outs] == want
     assert all(f.usage.completion_tokens == 16 for _, f in outs)
     assert_clean(harness)
+
+
+def test_ray_ships_int8_blocks_with_their_scales_and_refuses_an_fp32_end() -> None:
+    ensure_ray()
+    i8 = KVLayout(10, 3, 4, 2, 16, torch.float32, torch.int8)
+    src = quantize(torch.randn(10, 3, 2, 4, 2, 16), torch.int8)  # rows + scales
+    dst = i8.allocate("cpu")
+    rx = make_receiver("ray")
+    ep = rx.endpoint(dst, "decode-x", spec_of(i8))
+    handle = make_sender("ray").send(src, [7, 2, 5], ep, [1, 8, 3], "r1")
+    assert handle.nbytes == 3 * i8.bytes_per_block == 3 * 3 * 2 * 4 * 2 * (16 + 4)
+    check_handle(handle, spec_of(i8), [1, 8, 3])
+    scatter_blocks(dst, torch.tensor([1, 8, 3]), asyncio.run(rx.fetch(handle, timeout_s=10)))
+    assert torch.equal(dst[[1, 8, 3]], src[[7, 2, 5]])  # values and scales, byte for byte
+    assert torch.equal(dequantize(dst[[1, 8, 3]]), dequantize(src[[7, 2, 5]]))
+    assert bool((scales(dst[[1, 8, 3]]) > 0).all())
+    fp32 = KVLayout(10, 3, 4, 2, 16, torch.float32)
+    fp32_ep = rx.endpoint(fp32.allocate("cpu"), "decode-y", spec_of(fp32))
+    with pytest.raises(KVTransferError, match=r"int8 KV .* float32 KV"):
+        make_sender("ray").send(src, [7], fp32_ep, [1], "r2")
