@@ -493,15 +493,19 @@ def test_a_pool_state_in_a_step_report_replaces_the_last(cluster: FakeCluster) -
     run(go())
 
 
-def test_a_broken_token_stream_loses_the_worker(cluster: FakeCluster) -> None:
+def test_a_broken_token_stream_loses_the_worker(cluster: FakeCluster,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     """The stream is how the router hears a decode worker: when it breaks, the worker
-    is dropped and replaced even though its actor still answers."""
+    is dropped and replaced even though its actor still answers, and the log says why."""
     async def go() -> None:
         router = await start(cluster)
         old = cluster.live("decode")[0]
-        old.break_stream()
-        await until(lambda: old.worker_id not in router.registry.workers
-                    and router.registry.live("decode"), "replaced")
+        with caplog.at_level(logging.WARNING, logger="router.streams"):
+            old.break_stream()
+            await until(lambda: old.worker_id not in router.registry.workers
+                        and router.registry.live("decode"), "replaced")
+        assert [r.getMessage() for r in caplog.records if r.name == "router.streams"] == [
+            f"worker {old.worker_id} stream ended: the token stream broke (fake)"]
         assert (await collect(router))[0] == expected(PROMPT, 12)
         await settle(router, cluster)
         await router.shutdown()
