@@ -42,6 +42,7 @@ def harness() -> Iterator[RouterHarness]:
     h.close()
 
 
+@pytest.mark.slow  # ~95 s on the shared 2-core VM: three model loads and 6 x 16 tokens
 def test_int8_disaggregated_equals_offline_int8(harness: RouterHarness) -> None:
     llm = LLM(model="smollm2-135m", kv_cache_dtype="int8", kv_cache_memory_bytes=32 << 20)
     prompts = harness.prompts(N_PROMPTS)
