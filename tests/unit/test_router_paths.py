@@ -500,12 +500,15 @@ def test_a_broken_token_stream_loses_the_worker(cluster: FakeCluster,
     async def go() -> None:
         router = await start(cluster)
         old = cluster.live("decode")[0]
-        with caplog.at_level(logging.WARNING, logger="router.streams"):
+        with caplog.at_level(logging.WARNING):
             old.break_stream()
             await until(lambda: old.worker_id not in router.registry.workers
                         and router.registry.live("decode"), "replaced")
-        assert [r.getMessage() for r in caplog.records if r.name == "router.streams"] == [
-            f"worker {old.worker_id} stream ended: the token stream broke (fake)"]
+        said = [r.getMessage() for r in caplog.records
+                if r.name in ("router.streams", "router.worker_registry")]
+        assert said[0] == f"worker {old.worker_id} stream ended: the token stream broke (fake)"
+        assert said[1].startswith(f"worker {old.worker_id} ")
+        assert said[1].endswith(" lost (its token stream broke); starting a replacement")
         assert (await collect(router))[0] == expected(PROMPT, 12)
         await settle(router, cluster)
         await router.shutdown()
