@@ -76,7 +76,11 @@ async def one_run(target: str, bursts: bool, rng: random.Random, tag: str) -> di
                 sent.append(asyncio.get_running_loop().create_task(burst(len(sent))))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), BURST_EVERY_S)
-            await asyncio.gather(*sent)
+            # Bursts come faster than one prefill thread serves them: those still queued
+            # when the streams end are cancelled (aborted on the server), not waited for.
+            for t in sent:
+                t.cancel()
+            await asyncio.gather(*sent, return_exceptions=True)
             return len(sent)
 
         stop = asyncio.Event()
