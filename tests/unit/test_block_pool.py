@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.block_pool import NULL_BLOCK, BlockPool, NoFreeBlocksError, hash_block_tokens
-from engine.kv_cache_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager, PrefixHit
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -64,7 +64,7 @@ def test_prefix_hit_revives_cached_free_blocks_and_eviction_clears_them() -> Non
 
     b = req("b", [*range(8), 42, 43, 44])  # shares the two full blocks
     hit = kv.find_prefix(b)
-    assert hit == ([1, 2], 8)
+    assert hit == PrefixHit([1, 2], 8)  # nothing to restore: no spill tier
     assert kv.allocate(b, 3, hit)
     assert kv.block_table("b") == [1, 2, 4]
     assert pool.blocks[1].ref_count == 1
