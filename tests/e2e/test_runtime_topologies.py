@@ -7,20 +7,33 @@ from __future__ import annotations
 
 import pytest
 
+from engine import LLM, SamplingParams
 from router.errors import RequestFailedError
-from tests.e2e.runtime_fixtures import GREEDY, RouterHarness, assert_clean, router_config
+from tests.e2e.runtime_fixtures import (
+    CHATS,
+    GREEDY,
+    RouterHarness,
+    assert_clean,
+    router_config,
+)
 
 
-def test_1p1d_tight_pool_migrates_and_matches(expected: list[list[int]]) -> None:
-    """41 blocks on the decode worker for 16 requests that need 64: queueing, preemption,
-    migration (re-prefill of prompt + tokens so far) — and still the same tokens."""
+def test_1p1d_tight_pool_migrates_and_matches(llm: LLM) -> None:
+    """41 blocks on the decode worker for 16 requests that need ~110: queueing,
+    preemption, migration (re-prefill of prompt + tokens so far) — and still the same
+    tokens. 64 tokens each: requests decode long enough to pile up while the prefill
+    worker feeds more (with 16 they could finish as fast as they arrived, one import at
+    a time, and never run the pool dry)."""
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(
+        [llm.encode_chat([{"role": "user", "content": c}]) for c in CHATS], params)]
     h = RouterHarness(router_config(prefill_workers=1, decode_workers=1, num_blocks=42,
                                     decode_watermark=0.0))
     migrations: list[int] = []
     h.router.on_finish.append(lambda rr, _reason: migrations.append(rr.events.migrations))
     try:
-        outs = h.generate_all(h.prompts(), GREEDY)
-        assert [t for t, _ in outs] == expected
+        outs = h.generate_all(h.prompts(), params)
+        assert [t for t, _ in outs] == want
         assert sum(migrations) > 0
         assert_clean(h)
     finally:
