@@ -2,8 +2,8 @@
 raylet and object store), prefill workers on one node and decode workers on another.
 
 - Placement: --prefill-resources / --decode-resources put each role on its nodes; the
-  KV crosses object stores; greedy output equals the offline engine's token for token;
-  GetServerInfo's workers carry their node.
+  KV crosses nodes (``--kv-transfer auto``: gloo between nodes); greedy output equals
+  the offline engine's token for token; GetServerInfo's workers carry their node.
 - Node loss: the decode node's raylet is killed while requests stream. The router
   counts the loss (pdserve_workers_lost_total{role="decode",reason="node_lost"}), no
   node can host a decode worker, so health is NOT_SERVING and new calls are UNAVAILABLE
@@ -52,8 +52,9 @@ from tests.e2e.runtime_fixtures import RouterHarness, assert_clean, router_confi
 
 MODEL = "dummy:tiny-llama3"
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-# Long enough that the node is killed mid-stream (a tiny model decodes fast).
-LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+# Long enough that the node is killed mid-stream: a tiny model decodes hundreds of
+# tokens a second, and removing a node takes a moment (200 was not always enough).
+LONG = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)
 N = 4  # requests in flight
 # Varied token-id prompts of 20..41 tokens (vocab 512; 0-2 are special).
 PROMPTS = [[(i * 37 + k * 11) % 500 + 3 for k in range(20 + i * 7)] for i in range(N)]
@@ -174,7 +175,9 @@ def test_decode_node_lost_then_a_node_joins_no_request_lost(
     assert DECODE_NODE in status.message and "no alive Ray node" in status.message
     wait_until(lambda: _lost(dep).get(("decode", "node_lost"), 0.0) == lost_before + 1, 30,
                "the loss counted")
-    assert not any(f.done() for f in futures)  # the streaming requests wait for capacity
+    # The streaming requests wait for capacity.
+    ended = {i: (f.exception() or f.result()[1]) for i, f in enumerate(futures) if f.done()}
+    assert not ended, (ended, progress)
 
     new_node = dep.sim.add(DECODE_NODE)
     wait_until(lambda: bool(registry.live("decode")), 300, "a decode worker on the new node")
