@@ -65,6 +65,7 @@ from kvtransfer.collective_group import (
     node_host,
     wait_work,
 )
+from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import PeerComms, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
 
@@ -272,30 +273,13 @@ class CollectiveSender(KVSender):
 
     def pair(self, dest: Endpoint, device: torch.device) -> PairGroup:
         """The group with ``dest``, built on first use (one join per peer at a time)."""
-        with self._lock:
-            peer = self.pairs.get(dest.worker_id)
-            if peer is not None:
-                return peer.comm
-            fut = self._joining.get(dest.worker_id)
-            mine = fut is None
-            if fut is None:
-                fut = self._joining[dest.worker_id] = concurrent.futures.Future()
-        if not mine:
-            try:
-                return fut.result(timeout=self.timeout_s)
-            except concurrent.futures.TimeoutError:
-                raise KVTransferTimeout(f"collective set-up with {dest.worker_id} did not "
-                                        f"finish within {self.timeout_s}s") from None
-        try:
-            pair = self._join(dest, device)
-            fut.set_result(pair)
-            return pair
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
-            with self._lock:
-                self._joining.pop(dest.worker_id, None)
+        return join_once(self._lock, self._joining, dest.worker_id,
+                         lambda: self._known(dest.worker_id),
+                         lambda: self._join(dest, device), self.timeout_s, "collective")
+
+    def _known(self, worker_id: str) -> PairGroup | None:
+        peer = self.pairs.get(worker_id)
+        return peer.comm if peer is not None else None
 
     def _join(self, dest: Endpoint, device: torch.device) -> PairGroup:
         addr = dest.address

@@ -66,6 +66,7 @@ from kvtransfer.base import (
     sent_handle,
     torch_dtype,
 )
+from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import Peer, PeerComms, PendingReceives, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
 
@@ -253,30 +254,9 @@ class NcclSender(KVSender):
 
     def peer(self, dest: Endpoint, device: torch.device) -> Peer[Any]:
         """The communicator with ``dest``, set up on first use (one join at a time)."""
-        with self._lock:
-            peer = self.peers.get(dest.worker_id)
-            if peer is not None:
-                return peer
-            fut = self._joining.get(dest.worker_id)
-            mine = fut is None
-            if fut is None:
-                fut = self._joining[dest.worker_id] = concurrent.futures.Future()
-        if not mine:
-            try:
-                return fut.result(timeout=self.timeout_s)
-            except concurrent.futures.TimeoutError:
-                raise KVTransferTimeout(f"NCCL set-up with {dest.worker_id} did not finish "
-                                        f"within {self.timeout_s}s") from None
-        try:
-            peer = self._join(dest, device)
-            fut.set_result(peer)
-            return peer
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
-            with self._lock:
-                self._joining.pop(dest.worker_id, None)
+        return join_once(self._lock, self._joining, dest.worker_id,
+                         lambda: self.peers.get(dest.worker_id),
+                         lambda: self._join(dest, device), self.timeout_s, "NCCL")
 
     def _join(self, dest: Endpoint, device: torch.device) -> Peer[Any]:
         uid = _nccl().get_unique_id()
