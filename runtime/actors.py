@@ -8,7 +8,8 @@ the model code.
     actor = actor_class("decode").options(**ray_resources(...)).remote(worker_config)
     blocks = await actor.reserve.remote(request_id, prompt_token_ids, params)
 
-Calls every role answers (_Actor): ping, lifeline, node, stats, pool_state, shutdown.
+Calls every role answers (_Actor): ping, lifeline, node, kv_spec, stats, pool_state,
+shutdown.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from engine.sampling_params import SamplingParams
 from messages import (
     Endpoint,
+    KVSpec,
     PrefillResult,
     PrefillTask,
     StepBatch,
@@ -60,6 +62,11 @@ class _Actor:
     async def lifeline(self) -> None:
         """Never returns; Ray fails it when the actor dies (the router's death signal)."""
         await self._worker.lifeline()
+
+    def kv_spec(self) -> KVSpec:
+        """How its KV cache stores blocks, resolved on its device (the router refuses a
+        prefill or decode worker whose spec differs from the others')."""
+        return self._worker.kv_spec()
 
     async def stats(self) -> WorkerStats:
         return await self._worker.stats()

@@ -19,7 +19,8 @@ from typing import TypeVar
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from messages import PoolState, WorkerStats
+from kvtransfer import spec_of
+from messages import KVSpec, PoolState, WorkerStats
 from runtime.aborted_ids import AbortedIds
 from runtime.config import WorkerConfig
 
@@ -54,6 +55,10 @@ class WorkerBase(abc.ABC):
         """Never returns: the router holds this call open and learns of the actor's death
         when Ray fails it."""
         await asyncio.get_running_loop().create_future()
+
+    def kv_spec(self) -> KVSpec:
+        """The cache's block layout: fixed at construction, so read off the engine thread."""
+        return spec_of(self.engine.layout)
 
     async def stats(self) -> WorkerStats:
         return await self._call(self._stats)
