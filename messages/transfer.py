@@ -19,6 +19,10 @@ class KVTransferTimeout(KVTransferError):
     """The data did not arrive within the transfer timeout."""
 
 
+# What each entry of KVSpec.block_shape is (engine/kv_layout.py's block shape).
+BLOCK_DIMS = ("layers", "K/V", "block tokens", "KV heads", "row")
+
+
 @dataclass(frozen=True)
 class KVSpec:
     """What both ends of a transfer must agree on: one block's shape, element type and
@@ -39,6 +43,17 @@ class KVSpec:
         """For error messages: "int8 KV (fp32-per-token-head scales), blocks of (...)"."""
         kind = f"{self.dtype} KV" + (f" ({self.scales} scales)" if self.scales else "")
         return f"{kind}, blocks of {self.block_shape}"
+
+    def differences(self, other: KVSpec) -> list[str]:
+        """Each field that differs, named: ["dtype float32 vs int8", "row 64 vs 68"] (so a
+        refusal says what to change, not only two shapes to compare)."""
+        out = [f"{name} {getattr(self, name) or 'none'} vs {getattr(other, name) or 'none'}"
+               for name in ("dtype", "scales") if getattr(self, name) != getattr(other, name)]
+        if len(self.block_shape) != len(other.block_shape):
+            return [*out, f"block shape {self.block_shape} vs {other.block_shape}"]
+        return out + [f"{name} {a} vs {b}" for name, a, b
+                      in zip(BLOCK_DIMS, self.block_shape, other.block_shape, strict=True)
+                      if a != b]
 
     def block_nbytes(self) -> int:
         n = self.itemsize

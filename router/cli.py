@@ -28,6 +28,7 @@ import grpc
 from engine.config import ConfigError
 from router import client as pdclient
 from router.config import RouterConfig
+from router.errors import KVSpecMismatch
 from router.server_config import API_KEY_ENV
 from router.settings import Settings, add_serve_flags, settings_from_args
 
@@ -126,7 +127,7 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
         log.info("starting %s on %s", _describe(rc), rc.ray_address or "a local Ray")
         try:
             await _unless_stopped(service.start(), stop)
-        except OSError as e:
+        except (OSError, KVSpecMismatch) as e:  # a taken port; workers that disagree
             print(f"pdserve serve: {e}", file=sys.stderr)
             return 1
         print_usage(service)

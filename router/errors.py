@@ -42,3 +42,10 @@ class WorkerLost(RouterError):
 
 class TransferFailed(RouterError):
     """Internal: the request's KV could not be moved; the request is placed again."""
+
+
+class KVSpecMismatch(RouterError):
+    """A prefill or decode worker came up storing its KV cache in another layout than
+    the deployment's other workers (dtype, block shape or scales): no KV could move
+    between them, so it is refused -- at startup the whole start fails, later the worker
+    is not admitted (router/kv_spec_gate.py)."""

@@ -248,7 +248,9 @@ class WorkerCollector(Collector):
                                 "worker.", value=self.router.num_queued)
         lost = CounterMetricFamily(PREFIX + "workers_lost",
                                    "Workers lost, by role and reason: node_lost (their Ray "
-                                   "node died) or actor_died. Each is replaced.",
+                                   "node died), actor_died, or kv_spec_mismatch (refused "
+                                   "as it came up: its KV layout differed). Each is "
+                                   "replaced.",
                                    labels=["role", "reason"])
         registry = self.router.registry
         for (role, reason), n in sorted(registry.lost.items()):

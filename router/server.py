@@ -46,7 +46,7 @@ class HealthReporter:
             return "shutting down"
         registry = self.router.registry
         missing = [r for r in self.router.config.roles if not registry.live(r)]
-        why = [registry.unplaceable.get(r, f"no live {r} worker; one is starting")
+        why = [registry.why_not_placeable(r) or f"no live {r} worker; one is starting"
                for r in missing]
         return "; ".join(why) or "serving"
 

@@ -182,6 +182,9 @@ def worker_info(h: WorkerHandle) -> pb.WorkerInfo:
                          draining=h.draining)
     if h.node is not None:
         info.node_id, info.node_address = h.node.node_id, h.node.node_address
+    if h.kv_spec is not None:
+        info.kv_dtype, info.kv_scales = h.kv_spec.dtype, h.kv_spec.scales
+        info.kv_block_shape.extend(h.kv_spec.block_shape)
     s: WorkerStats | None = h.stats
     if s is not None:
         info.num_requests_running = s.num_running

@@ -20,7 +20,7 @@ import ray
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from messages import Endpoint, PrefillResult, PrefillTask, WorkerStats
+from messages import Endpoint, KVSpec, PrefillResult, PrefillTask, WorkerStats
 from router.errors import TransferFailed, WorkerLost
 from router.routing import PrefillLoad
 from runtime.actors import NodeInfo
@@ -36,6 +36,9 @@ class WorkerHandle:
     endpoint: Endpoint | None = None  # decode: where prefill workers send KV
     node: NodeInfo | None = None  # the Ray node it runs on (known once it has started)
     stats: WorkerStats | None = None
+    # How its KV cache stores blocks, as the worker resolved it on its device (asked once
+    # at start; router/kv_spec_gate.py refuses a prefill or decode worker that differs).
+    kv_spec: KVSpec | None = None
     alive: bool = True
     draining: bool = False  # out of rotation (pdserve drain): takes no new requests
     load: PrefillLoad | None = None  # prefill workers: affinity and queued tokens

@@ -19,6 +19,14 @@ is *unplaceable*: new requests needing it fail at once with NoWorkersError
 node joins. Requests already under way that are being placed again (their worker was on
 the lost node) keep waiting, within their deadline and worker_wait_s: a node that
 comes back in that time (a replaced spot instance) loses none of them.
+
+KV layout: each prefill and decode worker reports its KV spec as it comes up, and one
+that differs from the deployment's (router/kv_spec_gate.py) is refused. At startup the
+start fails, naming both workers and specs (`pdserve serve` exits). A replacement that
+differs is killed before it takes any request and counted lost
+(``kv_spec_mismatch``); while its role has no live worker, new requests fail at once
+with that reason, as for an unplaceable role, until a later try (the usual backoff and
+retries) comes up matching.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from typing import Any
 import ray
 
 from router.config import RouterConfig
-from router.errors import NoWorkersError
+from router.errors import KVSpecMismatch, NoWorkersError
 from router.gpu_pairs import GpuPairs, wants_pairs
+from router.kv_spec_gate import KVSpecGate
 from router.node_resources import demand, unplaceable_reason
 from router.worker_handle import WorkerHandle
 from router.worker_spawn import create_worker, worker_options
@@ -56,6 +65,10 @@ class WorkerRegistry:
         self._replacing: dict[str, int] = {}  # replacements under way (retries included)
         # role -> why no alive node can host its pending spawn (cleared once one can)
         self.unplaceable: dict[str, str] = {}
+        # role -> why its last replacement was refused (its KV spec differed); cleared
+        # when a worker of the role is admitted. New requests fail with it, as above.
+        self.refused: dict[str, str] = {}
+        self.kv_specs = KVSpecGate()  # the KV layout every prefill/decode worker shares
         self.lost: Counter[tuple[str, str]] = Counter()  # (role, reason) -> workers lost
         # cuda-ipc with GPU fractions: prefill/decode pairs in one bundle each, so they
         # share a GPU; a replacement takes the bundle its predecessor gave back.
@@ -75,7 +88,16 @@ class WorkerRegistry:
         if self.pairs is not None:
             await self.pairs.create()
         roles = [r for r in self.config.roles for _ in range(self.config.num_workers(r))]
-        await asyncio.gather(*(self.spawn(r) for r in roles))
+        spawns = [asyncio.ensure_future(self.spawn(r)) for r in roles]
+        try:
+            await asyncio.gather(*spawns)
+        except BaseException:
+            # One failed (a KV spec mismatch, say): the start is over, so the workers
+            # still loading are stopped rather than left to join a deployment that exits.
+            for t in spawns:
+                t.cancel()
+            await asyncio.gather(*spawns, return_exceptions=True)
+            raise
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -108,6 +130,14 @@ class WorkerRegistry:
             if not self._starting[role]:
                 self.unplaceable.pop(role, None)
             await self._notify()
+        try:
+            self.kv_specs.admit(h, self.workers.values())
+        except KVSpecMismatch:
+            self._kill(h)
+            self._give_back(role, bundle)
+            self.lost[(role, "kv_spec_mismatch")] += 1
+            raise
+        self.refused.pop(h.role, None)
         self.workers[h.worker_id] = h
         self._bundle[h.worker_id] = bundle
         h.on_lost = lambda: self.lose(h, "a call found it dead")
@@ -190,6 +220,10 @@ class WorkerRegistry:
                     return
                 except asyncio.CancelledError:
                     raise
+                except KVSpecMismatch as e:
+                    log.error("replacement refused: %s", e)
+                    self.refused[role] = str(e)
+                    await self._notify()  # waiting new requests fail now, with the reason
                 except Exception:
                     log.exception("could not start a replacement %s worker", role)
                 if delay is None:
@@ -220,8 +254,9 @@ class WorkerRegistry:
                         ) -> list[WorkerHandle]:
         """Live workers of the role; if there are none but one is starting (a
         replacement), wait for it until ``deadline`` (loop time) or worker_wait_s.
-        ``fail_fast``: if no alive node can host the one starting, raise at once (new
-        requests); otherwise wait for a node to join (requests placed again)."""
+        ``fail_fast``: if no alive node can host the one starting (or the last one was
+        refused for its KV spec), raise at once (new requests); otherwise wait for a
+        node to join (requests placed again)."""
         loop = asyncio.get_running_loop()
         until = min(deadline, loop.time() + self.config.worker_wait_s)
         async with self._changed:
@@ -229,16 +264,20 @@ class WorkerRegistry:
                 live = self.live(role)
                 if live:
                     return live
-                if fail_fast and role in self.unplaceable:  # only a new node would help
-                    raise NoWorkersError(f"no {role} worker is alive: "
-                                         f"{self.unplaceable[role]}")
+                why = self.why_not_placeable(role)
+                if fail_fast and why:  # only a new node (or a matching worker) would help
+                    raise NoWorkersError(f"no {role} worker is alive: {why}")
                 left = until - loop.time()
                 if self._closing or not self.starting(role) or left <= 0:
-                    why = self.unplaceable.get(role)
                     raise NoWorkersError(f"no {role} worker is alive"
                                          + (f": {why}" if why else ""))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=left)
+
+    def why_not_placeable(self, role: str) -> str | None:
+        """Why a worker of ``role`` cannot come up as things stand (no alive node can
+        host it, or its last replacement was refused), else None."""
+        return self.unplaceable.get(role) or self.refused.get(role)
 
     async def _notify(self) -> None:
         async with self._changed:

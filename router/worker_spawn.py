@@ -54,6 +54,7 @@ async def create_worker(config: RouterConfig, worker_id: str, role: str, kv_tran
         await actor.ping.remote()
         h = WorkerHandle(worker_id, role, actor)
         h.node = await actor.node.remote()
+        h.kv_spec = await actor.kv_spec.remote()
         if role == "prefill":
             h.load = PrefillLoad(worker_id)
         else:

@@ -124,6 +124,7 @@ class FakeActor:
     # What a prefill reports: cached prompt tokens, queue/prefill/transfer seconds, bytes.
     prefill_report: tuple[int, float, float, float, int] = (0, 0.0, 0.0, 0.0, 0)
     events: asyncio.Queue[list[TokenEvent]] = field(default_factory=asyncio.Queue)
+    kv_layout: KVSpec = SPEC  # what kv_spec() reports (the registry checks it)
 
     def __post_init__(self) -> None:
         self.free_blocks = list(range(1, self.num_blocks + 1))
@@ -206,8 +207,11 @@ class FakeActor:
     async def _lifeline(self) -> None:
         await asyncio.get_running_loop().create_future()
 
+    async def _kv_spec(self) -> KVSpec:
+        return self.kv_layout
+
     async def _endpoint(self) -> Endpoint:
-        return Endpoint("fake", self.worker_id, SPEC, None)
+        return Endpoint("fake", self.worker_id, self.kv_layout, None)
 
     async def _stats(self) -> WorkerStats:
         free = len(self.free_blocks)
@@ -361,6 +365,8 @@ class FakeCluster:
         self.journal: list[tuple[str, str, str]] = []  # every actor's calls, in order
         self.ready = asyncio.Event()  # cleared: actors made from now on do not start yet
         self.ready.set()
+        # role -> the KV spec its actors made from now on report (default: SPEC)
+        self.kv_specs: dict[str, KVSpec] = {}
 
     def actor_class(self, role: str) -> Any:
         cluster = self
@@ -373,7 +379,7 @@ class FakeCluster:
             @staticmethod
             def remote(config: Any) -> FakeActor:
                 a = FakeActor(config.worker_id, role, journal=cluster.journal,
-                              ready=cluster.ready)
+                              ready=cluster.ready, kv_layout=cluster.kv_specs.get(role, SPEC))
                 cluster.actors.append(a)
                 return a
         return _Cls
