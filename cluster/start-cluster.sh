@@ -47,6 +47,9 @@ PDSERVE_STOP_S="${PDSERVE_STOP_S:-60}"
 RAY_STOP_GRACE_S="${RAY_STOP_GRACE_S:-16}"
 # Without it a worker node or the driver would connect unauthenticated and be refused.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# Ray starts its workers at nice 15 (to keep its driver responsive); pdserve's workers
+# are the service, so they run at the node's normal priority.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 
 ray_dir="${RAY_TEMP_DIR:-/tmp/ray}"
 pid_file="$ray_dir/pdserve.pid"

@@ -35,6 +35,7 @@ from router.settings import Settings, add_serve_flags, settings_from_args
 log = logging.getLogger("pdserve")
 T = TypeVar("T")
 DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+WORKER_NICENESS = 0  # what Ray gives the workers when pdserve starts Ray (see init_ray)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,11 +188,15 @@ def init_ray(rc: RouterConfig) -> None:
         for name, qty in rc.worker_resources(role).items():
             custom[name] = custom.get(name, 0.0) + qty * rc.num_workers(role)
     # address="local": a new instance even if `ray start` left a cluster on this machine
-    # (ray.init() would join that one).
+    # (ray.init() would join that one). worker_niceness 0: Ray starts its workers at
+    # nice 15 by default so that its driver stays responsive, but here the workers *are*
+    # the service: at nice 15 they lose the CPU to any ordinary process on the node
+    # (a log shipper, a build) while the router, which needs little, would win it.
     ray.init(address="local",
              num_cpus=max(os.cpu_count() or 1,
                           ray_cpus(n, rc.gpus_per_worker, rc.threads_per_worker)),
-             resources=custom or None, include_dashboard=False, log_to_driver=True)
+             resources=custom or None, include_dashboard=False, log_to_driver=True,
+             _system_config={"worker_niceness": WORKER_NICENESS})
 
 
 def _describe(rc: RouterConfig) -> str:
