@@ -13,6 +13,10 @@
     pdserve bench transfer [--sizes 1 8 64] [--runs 5] [--out FILE.json]
         one request's KV between two workers: the object store within a Ray node and
         across two (simulated) nodes, and gloo (the collective backend), against memcpy
+    pdserve bench kv-budget [--runs 3] [--kv-cache-memory 0.08] [--out FILE.json]
+        1 prefill + 1 decode at one KV memory budget, fp32 vs int8 KV, interleaved:
+        decode pool, decode batch (peak, mean), preemptions, goodput, throughput
+        (bench/kv_budget_serving.py)
     pdserve bench soak [--duration 1800] [--rate 2] [--malloc-arena-max N]
         a long mixed workload against a server it starts, sampling every process's RSS,
         KV blocks by owner and latency every 15 s; writes soak.json and soak-rss.png
@@ -91,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     xfer.add_argument("--out", default="bench/results/transfer-cpu.json")
     xfer.set_defaults(func=cmd_transfer)
 
+    from bench.kv_budget_serving import add_flags as kv_budget_flags  # grpc: loaded anyway
+
+    budget = sub.add_parser("kv-budget", help="serving at one KV memory budget, fp32 vs int8")
+    kv_budget_flags(budget)
+    budget.set_defaults(func=cmd_kv_budget)
+
     over = sub.add_parser("overhead", help="the service path's cost against offline")
     over.add_argument("--runs", type=int, default=3)
     over.add_argument("--threads", type=int, default=2, help="torch threads in all")
@@ -106,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     return int(args.func(args))
+
+
+def cmd_kv_budget(args: argparse.Namespace) -> int:
+    from bench.kv_budget_serving import config_from, run, table
+
+    print(table(run(config_from(args), "pdserve bench " + " ".join(sys.argv[1:]))))
+    return 0
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
