@@ -18,7 +18,7 @@ int8 / fp32. With the defaults (0.08 GiB, 64 + 96 tokens: 10 blocks a sequence) 
 fp32 decode pool holds 11 sequences and the int8 one 43.
 
     python -m bench.kv_budget_serving [--runs 3] [--kv-cache-memory 0.08]
-        [--requests 32] [--rate 2] [--prompt-tokens 64] [--output-tokens 96]
+        [--requests 24] [--rate 2] [--prompt-tokens 64] [--output-tokens 96]
         [--out bench/results/kv-budget-serving-cpu.json]
     (or: pdserve bench kv-budget ...)
 
@@ -80,7 +80,7 @@ class BudgetConfig:
 
     runs: int = 3
     kv_cache_memory_gib: float = 0.08
-    requests: int = 32
+    requests: int = 24
     rate: float = 2.0
     prompt_tokens: int = 64
     output_tokens: int = 96
