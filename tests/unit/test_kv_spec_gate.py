@@ -15,7 +15,9 @@ from messages import KVSpec
 from router.config import RouterConfig
 from router.core import Router
 from router.errors import KVSpecMismatch, NoWorkersError
+from router.kv_spec_gate import KVSpecGate
 from router.wire import worker_info
+from router.worker_handle import WorkerHandle
 from tests.unit.router_fakes import SPEC, FakeCluster
 from tests.unit.test_router_lifecycle import PROMPT, collect, expected, run, start, until
 from tests.unit.test_router_lifecycle import cluster as cluster  # the fixture
@@ -158,3 +160,28 @@ def test_serve_exits_non_zero_with_the_message(monkeypatch: pytest.MonkeyPatch,
                                    keep_serving=False))
     assert status == 1 and _Service.stopped
     assert capsys.readouterr().err == f"pdserve serve: {why}\n"
+
+
+def test_the_refusal_names_a_live_peer_of_the_other_role_else_the_first() -> None:
+    async def go() -> None:
+        def handle(wid: str, role: str, spec: KVSpec) -> WorkerHandle:
+            h = WorkerHandle(wid, role, actor=None)
+            h.kv_spec = spec
+            return h
+
+        gate = KVSpecGate()
+        p0, d1, d2 = (handle("prefill-0", "prefill", SPEC), handle("decode-1", "decode", SPEC),
+                      handle("decode-2", "decode", SPEC))
+        for h in (p0, d1, d2):
+            gate.admit(h, [p0, d1, d2])
+        bad = handle("decode-3", "decode", INT8)
+        with pytest.raises(KVSpecMismatch, match="but prefill worker prefill-0 stores"):
+            gate.admit(bad, [d1, d2, p0])  # the pair whose transfers would fail
+        p0.alive = False
+        with pytest.raises(KVSpecMismatch, match="but decode worker decode-1 stores"):
+            gate.admit(bad, [d1, d2, p0])
+        with pytest.raises(KVSpecMismatch, match=r"but worker prefill-0 \(gone now\)"):
+            gate.admit(bad, [])
+        gate.admit(handle("colocated-9", "colocated", INT8), [])  # exchanges no KV
+        gate.admit(handle("prefill-4", "prefill", SPEC), [])
+    run(go())
