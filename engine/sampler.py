@@ -107,7 +107,13 @@ class Sampler:
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (n, V) -> token ids (n,) and whether each row had no mass to draw from."""
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        # Every tensor the sampler makes names the logits' device and, if float, float32
+        # (here, in _uniforms, _top_p_, _min_p_): torch's defaults are no guide. On a GPU
+        # the default device is the CPU, and model code may set a half-precision default
+        # dtype; temperatures, top-p, min-p or uniforms rounded to it change the draw.
+        temps = torch.tensor(
+            [r.params.temperature for r in rows], dtype=torch.float32, device=logits.device
+        )
         z = logits.float() / temps[:, None]  # a fresh tensor: safe to edit in place
         _top_k_(z, [r.params.top_k for r in rows])
         probs = z.softmax(dim=-1)  # (n, V)
@@ -118,15 +124,15 @@ class Sampler:
 
     def _uniforms(self, gens: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
         """One U[0, 1) per row: seeded rows from their own generator, the rest shared."""
-        u = torch.empty(len(gens), device=device)
+        u = torch.empty(len(gens), dtype=torch.float32, device=device)
         shared_idx = [i for i, g in enumerate(gens) if g is None]
         if shared_idx:
-            u[shared_idx] = torch.rand(
-                len(shared_idx), generator=self._shared_generator(device), device=device
-            )
+            u[shared_idx] = torch.rand(len(shared_idx), generator=self._shared_generator(device),
+                                       dtype=torch.float32, device=device)
         for i, g in enumerate(gens):
             if g is not None:
-                u[i : i + 1] = torch.rand(1, generator=g, device=g.device).to(device)
+                u[i : i + 1] = torch.rand(1, generator=g, dtype=torch.float32,
+                                          device=g.device).to(device)
         return u
 
     def rng_state(self) -> dict[torch.device, torch.Tensor]:
@@ -218,7 +224,8 @@ def _top_p_(probs: torch.Tensor, top_p: list[float]) -> None:
     if not idx:
         return
     sub = probs[idx]  # (m, V)
-    ps = torch.tensor([top_p[i] for i in idx], device=probs.device)[:, None]  # (m, 1)
+    ps = torch.tensor([top_p[i] for i in idx], dtype=torch.float32,
+                      device=probs.device)[:, None]  # (m, 1)
     cutoff = torch.empty_like(ps)
     pending = torch.arange(len(idx), device=probs.device)  # rows still short of top_p
     vocab = sub.shape[1]
@@ -249,7 +256,8 @@ def _min_p_(probs: torch.Tensor, min_p: list[float]) -> None:
     if not idx:
         return
     sub = probs[idx]  # (m, V)
-    scale = torch.tensor([min_p[i] for i in idx], device=probs.device)[:, None]
+    scale = torch.tensor([min_p[i] for i in idx], dtype=torch.float32,
+                         device=probs.device)[:, None]
     threshold = scale * sub.amax(dim=-1, keepdim=True)  # (m, 1)
     probs[idx] = sub.mul_(sub >= threshold)
 

@@ -9,6 +9,9 @@ produce."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -130,3 +133,83 @@ def test_sampling_stays_on_the_logits_device() -> None:
                         torch.Generator().manual_seed(i)) for i in range(2)]
     ids, no_mass = Sampler()._sample(torch.empty(2, V, device="meta"), rows)
     assert ids.device.type == no_mass.device.type == "meta" and ids.shape == (2,)
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, list[SamplingRow]]:
+    """CPU logits with a NaN row, and rows taking every path: greedy and sampled, each
+    penalty, top-k, top-p (flat rows need every round), min-p, seeded and shared
+    generators, no mass left (a temperature that underflows), logprobs 0, 1 and 3."""
+    x = torch.randn(8, vocab, generator=torch.Generator().manual_seed(5)) * 4
+    x[1] *= 0.001  # nearly flat: top-p finds its set only in the full sort
+    x[6, 3] = float("nan")
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.5, logprobs=3),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=1, logprobs=1),
+        SamplingParams(temperature=0.7, top_k=20, frequency_penalty=0.5,
+                       presence_penalty=0.25, logprobs=0),
+        SamplingParams(temperature=1.2, top_p=0.5, min_p=0.1),
+        SamplingParams(temperature=0.5, seed=2, repetition_penalty=0.8, top_k=3),
+        SamplingParams(temperature=1.0, logprobs=2),  # no mass (below)
+        SamplingParams(temperature=1.0, logprobs=2),  # NaN logits
+        SamplingParams(temperature=0.0),
+    ]
+    # A temperature validation rejects (a bug or a bypass): the scaled logits overflow.
+    object.__setattr__(params[5], "temperature", 1e-300)
+    return x, [SamplingRow(p, [1, 2, vocab - 1], [2, 4, 4],
+                           None if p.seed is None else torch.Generator().manual_seed(p.seed))
+               for p in params]
+
+
+@contextmanager
+def torch_defaults(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """torch's default device and dtype set to these while inside, restored after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+# Defaults unlike the logits' (CPU, fp32). On a GPU the default device is the CPU and the
+# logits are on CUDA; here the logits are on the CPU and the default device is meta: a
+# tensor made on the default device is mixed into CPU ones (an error) or indexes them
+# (then nothing is written). Model code may set a half-precision default dtype: a float
+# made in it is rounded (a top-p of 0.9 becomes 0.8984 in bfloat16).
+OTHER_DEFAULTS = [("meta", torch.float32), ("cpu", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), OTHER_DEFAULTS)
+@pytest.mark.parametrize("vocab", [V, 2048])
+def test_torch_defaults_unlike_the_logits_change_nothing(
+    vocab: int, device: str, dtype: torch.dtype
+) -> None:
+    """Same ids, logprobs, errors and generator states as with CPU and fp32 defaults."""
+    results = []
+    for defaults in (("cpu", torch.float32), (device, dtype)):
+        x, rows = _batch(vocab)
+        sampler = Sampler(seed=4)
+        with torch_defaults(*defaults):
+            steps = [sampler(x, rows) for _ in range(2)]  # the generators advance
+        results.append((steps, [r.generator.get_state() for r in rows if r.generator],
+                        {str(d): state for d, state in sampler.rng_state().items()}))
+    (want, want_seeded, want_shared), (got, got_seeded, got_shared) = results
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(got_seeded, want_seeded, strict=True))
+    assert got_shared.keys() == want_shared.keys() == {"cpu"}
+    assert torch.equal(got_shared["cpu"], want_shared["cpu"])
+    errors = [t.error for t in want[0]]
+    assert errors[5] is not None and errors[6] is not None
+    assert errors[:5] == [None] * 5 and errors[7] is None
+
+
+@pytest.mark.parametrize(("device", "dtype"), OTHER_DEFAULTS)
+def test_penalties_with_torch_defaults_unlike_the_logits(device: str, dtype: torch.dtype) -> None:
+    x, rows = _batch(V)
+    want = apply_penalties(x, rows)
+    with torch_defaults(device, dtype):
+        got = apply_penalties(x, rows)
+    assert got.device.type == "cpu" and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # row 6: NaN
+    assert not torch.equal(want[0], x[0])
