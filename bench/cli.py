@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     over.add_argument("--streams", type=int, nargs="+", default=[32],
                       help="concurrencies for the CPU split (32 is W2, always run)")
     over.add_argument("--modes", nargs="+", default=["offline", "colocated", "1p1d"],
-                      choices=("offline", "colocated", "1p1d"))
+                      choices=("offline", "colocated", "1p1d", "colocated-interval"))
+    over.add_argument("--stream-interval", type=int, default=4,
+                      help="--stream-interval of the colocated-interval mode")
     over.add_argument("--profile", action="store_true",
                       help="py-spy the router and workers once per concurrency")
     over.add_argument("--model", default="smollm2-135m")
@@ -130,7 +132,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
 
     cfg = OverheadConfig(model=args.model, runs=args.runs, threads=args.threads,
                          streams=tuple(args.streams), profile=args.profile,
-                         out=Path(args.out), modes=tuple(args.modes))
+                         out=Path(args.out), modes=tuple(args.modes),
+                         stream_interval=args.stream_interval)
     result = run(cfg)
     print(json.dumps({k: result.get(k) for k in ("tokens_per_s", "ratio_to_offline")},
                      indent=1))

@@ -282,6 +282,7 @@ class OverheadConfig:
     profile: bool = False
     out: Path = Path("bench/results/overhead-cpu.json")
     modes: tuple[str, ...] = ("offline", "colocated", "1p1d")
+    stream_interval: int = 4  # the "colocated-interval" mode's --stream-interval
 
 
 def run(cfg: OverheadConfig) -> dict[str, object]:
@@ -311,7 +312,13 @@ def run(cfg: OverheadConfig) -> dict[str, object]:
     deps = {"colocated": Deployment("overhead-colocated", mode="colocated", workers=1,
                                     threads=cfg.threads, model=cfg.model),
             "1p1d": Deployment("overhead-1p1d", prefill_workers=1, decode_workers=1,
-                               threads=half, model=cfg.model)}
+                               threads=half, model=cfg.model),
+            # The colocated deployment again, one message per N tokens: what the
+            # per-message part of the router's cost is.
+            "colocated-interval": Deployment(
+                f"overhead-colocated-interval{cfg.stream_interval}", mode="colocated",
+                workers=1, threads=cfg.threads, model=cfg.model,
+                stream_interval=cfg.stream_interval)}
     for name, dep in deps.items():
         if name not in cfg.modes:
             continue

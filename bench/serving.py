@@ -38,6 +38,7 @@ class Deployment:
     prefill_step_tokens: int | None = None  # None: the server's default
     step_tokens: int | None = None  # every worker's step budget; None: the engine's
     kv_transfer: str | None = None  # None: auto
+    stream_interval: int = 1  # tokens per streamed message after the first
 
     def args(self) -> list[str]:
         a = ["--mode", self.mode, "--threads-per-worker", str(self.threads)]
@@ -58,6 +59,8 @@ class Deployment:
             a += ["--max-num-batched-tokens", str(self.step_tokens)]
         if not self.prefix_cache:
             a.append("--no-prefix-cache")
+        if self.stream_interval != 1:
+            a += ["--stream-interval", str(self.stream_interval)]
         return a
 
 

@@ -40,6 +40,10 @@ class RouterConfig:
         engine's max_num_batched_tokens). A step cannot be interrupted, so a prompt
         that arrives mid-step waits for it: smaller steps start short prompts sooner,
         at some prefill throughput.
+    stream_interval: tokens per streamed message after the first (which goes out at
+        once): 1 sends every step's token as it comes; N sends one message per N tokens,
+        dividing the router's per-message cost (the gRPC or SSE write, a task wake-up)
+        by about N, at the price of N steps between messages.
     prefill_resources / decode_resources / colocated_resources: custom Ray resources
         each worker of the role asks for (name -> quantity, as the nodes declare them
         with `ray start --resources`), so Ray places that role only on such nodes
@@ -65,6 +69,7 @@ class RouterConfig:
     ray_address: str | None = None
     prefill_policy: str = "shortest_first"
     prefill_step_tokens: int | None = None
+    stream_interval: int = 1
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     colocated_resources: dict[str, float] = field(default_factory=dict)
@@ -77,7 +82,8 @@ class RouterConfig:
         if self.mode not in ("disaggregated", "colocated"):
             raise ConfigError(f"RouterConfig.mode {self.mode!r} is not disaggregated/colocated")
         for name in ("prefill_workers", "decode_workers", "workers", "threads_per_worker",
-                     "max_queue", "max_inflight", "max_inflight_per_worker", "max_prompt_bytes"):
+                     "max_queue", "max_inflight", "max_inflight_per_worker", "max_prompt_bytes",
+                     "stream_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"RouterConfig.{name} must be >= 1")
         if self.prefill_policy not in SCHEDULER_POLICIES:

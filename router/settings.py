@@ -48,6 +48,9 @@ ROUTER_FLAGS: dict[str, str] = {
                       "a long prompt's chunks; fcfs serves in arrival order",
     "prefill_step_tokens": "prefill workers' token budget per step (default: the engine's "
                            "max_num_batched_tokens); smaller starts short prompts sooner",
+    "stream_interval": "tokens per streamed message after the first (1: every token at "
+                       "once; N: one message per N tokens, ~1/N of the router's "
+                       "per-message CPU)",
     "max_inflight": "requests in flight at once for the whole deployment; beyond it calls "
                     "get RESOURCE_EXHAUSTED at once, with a retry hint",
     "max_inflight_per_worker": "the same bound per decode (or colocated) worker",

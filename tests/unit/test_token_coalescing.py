@@ -9,7 +9,7 @@ import asyncio
 from engine.sampling_params import SamplingParams
 from messages import TokenLogprobs
 from router.request_state import Delta, Final, Usage
-from router.streams import QueueItem, coalesce
+from router.streams import QueueItem, coalesce, fill_to_interval
 from tests.unit.router_fakes import FakeCluster
 from tests.unit.test_router_lifecycle import PROMPT, cluster, expected, run, settle, start
 
@@ -100,3 +100,45 @@ def test_itl_observed_once_per_message_counts_like_one_observe_per_token() -> No
 
     assert samples("many") == samples("each")
     assert samples("many")[-2][2] == 16  # _count: every token
+
+
+def test_stream_interval_sends_the_first_token_alone_then_groups_of_n(
+        cluster: FakeCluster) -> None:
+    run(interval_of(cluster, 4))
+
+
+async def interval_of(cluster: FakeCluster, n: int) -> None:
+    router = await start(cluster, stream_interval=n)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    sizes: list[int] = []
+    toks: list[int] = []
+    final = None
+    async for item in router.generate(PROMPT, params):
+        if isinstance(item, Delta):
+            sizes.append(len(item.token_ids))
+            toks += item.token_ids
+        else:
+            final = item
+    assert toks == expected(PROMPT, 10)
+    assert final is not None and final.usage.completion_tokens == 10
+    # First token at once; then full groups; the rest (fewer than n) when the Final
+    # arrives: never held past the end.
+    assert sizes[0] == 1 and all(s >= n for s in sizes[1:-1]) and sum(sizes) == 10
+    assert len(sizes) <= 1 + -(-9 // n)
+    await settle(router, cluster)
+    await router.shutdown()
+
+
+def test_stream_interval_does_not_hold_tokens_past_an_error() -> None:
+    async def go() -> None:
+        q: asyncio.Queue[QueueItem] = asyncio.Queue()
+        err = RuntimeError("worker failed")
+        q.put_nowait(Delta([2], "b", []))
+        q.put_nowait(err)
+        merged, behind = await fill_to_interval(Delta([1], "a", []), q, 8)
+        assert merged.token_ids == [1, 2] and merged.text == "ab" and behind is err
+        q.put_nowait(Delta([3, 4], "cd", []))
+        q.put_nowait(Delta([5], "e", []))
+        merged, behind = await fill_to_interval(Delta([1], "a", []), q, 3)
+        assert merged.token_ids == [1, 3, 4, 5] and behind is None  # coalesced past n
+    run(go())
