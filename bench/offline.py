@@ -52,7 +52,7 @@ def hf_model(model: str) -> torch.nn.Module:
 
 def run_pdserve(llm: LLM, prompts: list[list[int]], lengths: list[int]) -> float:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
-    llm.engine.pool.reset_prefix_cache()  # every run starts cold
+    llm.engine.kv.reset_prefix_cache()  # every run starts cold
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0

@@ -92,7 +92,7 @@ def run_offline(model: str, jobs: list[Job], runs: int, threads: int) -> list[fl
     llm.generate(prompts[:4], params[:4])  # warm-up (allocator, thread pool)
     out = []
     for _ in range(runs):
-        llm.engine.pool.reset_prefix_cache()  # every run starts cold
+        llm.engine.kv.reset_prefix_cache()  # every run starts cold
         t0 = time.perf_counter()
         res = llm.generate(prompts, params)
         out.append(time.perf_counter() - t0)

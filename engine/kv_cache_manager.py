@@ -42,6 +42,14 @@ class KVCacheManager:
         if spill is not None:
             pool.on_evict = spill.spill
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, in the pool and in the spill tier: after it, no
+        prompt hits (what a benchmark's cold run needs; a pool-only reset would let the
+        spill tier bring the prefixes back)."""
+        self.pool.reset_prefix_cache()
+        if self.spill is not None:
+            self.spill.clear()
+
     def block_table(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
 

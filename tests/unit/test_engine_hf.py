@@ -85,7 +85,7 @@ def test_prefix_cache_hit_gives_same_tokens(smollm: LLM) -> None:
     prompt = smollm.encode_chat(msgs)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     pool = smollm.engine.pool
-    smollm.engine.pool.reset_prefix_cache()
+    smollm.engine.kv.reset_prefix_cache()
     miss = smollm.generate([prompt], params)[0]
     assert miss.num_cached_tokens == 0
     hits_before = pool.prefix_hits

@@ -239,3 +239,19 @@ def test_a_prefill_worker_ships_restored_blocks_as_computed() -> None:
     assert e.stats().spill_hits == PREFIXES * 8  # the second engine restored them all
     for kept, restored in zip(shipped[:PREFIXES], shipped[PREFIXES:], strict=True):
         assert torch.equal(kept, restored)
+
+
+def test_resetting_the_prefix_cache_empties_the_spill_tier_too() -> None:
+    pool = BlockPool(5)
+    cache, tier = cache_and_tier(5, 1 << 20)
+    kv = KVCacheManager(pool, BS, tier)
+    a = req("a", list(range(16)))
+    compute(kv, cache, a)
+    kv.free(a)
+    b = req("b", list(range(100, 116)))
+    compute(kv, cache, b)  # a's blocks go to the tier
+    kv.free(b)
+    assert len(tier) == 4
+    kv.reset_prefix_cache()
+    assert len(tier) == 0 and tier.bytes_used == 0
+    assert compute(kv, cache, req("a2", list(range(16)))) == 0  # nothing comes back
