@@ -3,9 +3,10 @@ and logprobs come back as Python ints and floats whatever the batch mix, penalti
 never write into the caller's logits (fp32 input included) and always return fp32,
 logprobs of half-precision logits are computed in fp32, a row with an empty prompt or
 output beside others, and a truncation that must stay on the logits' device (the meta
-device stands in for an accelerator: a CPU tensor mixed into it is an error); and the
-contracts of the top-p round helper and the inverse CDF on inputs their callers rarely
-produce."""
+device stands in for an accelerator: a CPU tensor mixed into it is an error); the whole
+sampler and the penalties giving the same results with torch's default device or dtype
+set unlike the logits' (meta, bfloat16); and the contracts of the top-p round helper
+and the inverse CDF on inputs their callers rarely produce."""
 
 from __future__ import annotations
 
@@ -213,3 +214,22 @@ def test_penalties_with_torch_defaults_unlike_the_logits(device: str, dtype: tor
     assert got.device.type == "cpu" and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # row 6: NaN
     assert not torch.equal(want[0], x[0])
+
+
+def test_a_half_precision_default_dtype_rounds_no_parameter_or_uniform() -> None:
+    """In bfloat16 a temperature of 1.2 is 1.203, a min-p of 0.05 is 0.05005, and a
+    uniform has 8 bits (128 values in [0.5, 1): a seeded request could not reach most
+    tokens of a flat vocabulary). Each moves a draw by a fraction of a token's mass;
+    over 64 rows of 2048 near-flat tokens, half seeded, some draw would move."""
+    x = torch.randn(64, 2048, generator=torch.Generator().manual_seed(7))
+
+    def rows() -> list[SamplingRow]:
+        return [SamplingRow(SamplingParams(temperature=1.2, min_p=0.05, seed=i), [], [],
+                            torch.Generator().manual_seed(i)) if i % 2 else
+                SamplingRow(SamplingParams(temperature=1.2, min_p=0.05), [], [])
+                for i in range(64)]
+
+    want = [t.token_id for t in Sampler(seed=1)(x, rows())]
+    with torch_defaults("cpu", torch.bfloat16):
+        got = [t.token_id for t in Sampler(seed=1)(x, rows())]
+    assert got == want
