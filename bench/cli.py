@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="seconds left out of the RSS slope")
     soak.add_argument("--malloc-arena-max", type=int, default=None,
                       help="MALLOC_ARENA_MAX for the server and its workers")
+    soak.add_argument("--memory-diag", action="store_true",
+                      help="workers report malloc, tracemalloc and gc counts per sample")
     soak.add_argument("--out-dir", default="bench/results")
     soak.set_defaults(func=cmd_soak)
 
@@ -154,7 +156,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
     cfg = SoakConfig(duration_s=args.duration, rate=args.rate, sample_s=args.sample,
                      warmup_s=args.warmup, malloc_arena_max=args.malloc_arena_max,
-                     out_dir=Path(args.out_dir))
+                     memory_diag=args.memory_diag, out_dir=Path(args.out_dir))
     result = run(cfg, Deployment("soak"))
     print(json.dumps({k: result[k] for k in ("rss_slope_mb_per_min_after_warmup",
                                              "anon_rss_slope_mb_per_min_after_warmup")},

@@ -60,7 +60,8 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def probe(seconds: float, sample_s: float, seed: int) -> list[dict[str, Any]]:
+def probe(seconds: float, sample_s: float, seed: int,
+          any_length: bool = False) -> list[dict[str, Any]]:
     """The loop, in this process."""
     import torch
 
@@ -81,7 +82,8 @@ def probe(seconds: float, sample_s: float, seed: int) -> list[dict[str, Any]]:
                             "python_objects": sys.getallocatedblocks(), **malloc_stats()})
             next_sample += sample_s
         rid = f"p{n}"
-        ids = [rnd.randrange(100, 40000) for _ in range(rnd.choice(LENGTHS))]
+        n_ids = rnd.randint(1, LENGTHS[-1]) if any_length else rnd.choice(LENGTHS)
+        ids = [rnd.randrange(100, 40000) for _ in range(n_ids)]
         engine.add_request(ids, params, rid, hold_blocks=True)
         while engine.has_unfinished():
             engine.step()
@@ -108,11 +110,13 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    p.add_argument("--any-length", action="store_true",
+                   help="prompt lengths uniform in 1-1500 (every shape), not 5 lengths")
     p.add_argument("--out", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(probe(args.seconds, args.sample, args.seed)))
+        print(json.dumps(probe(args.seconds, args.sample, args.seed, args.any_length)))
         return 0
     result: dict[str, Any] = {"command": "python -m bench.memory_probe " + " ".join(sys.argv[1:]),
                               "runs": {}}
@@ -120,7 +124,8 @@ def main() -> int:
         env = dict(os.environ, **CONFIGS[name])
         out = subprocess.run([sys.executable, "-m", "bench.memory_probe", "--child",
                               "--seconds", str(args.seconds), "--sample", str(args.sample),
-                              "--seed", str(args.seed)],
+                              "--seed", str(args.seed),
+                              *(["--any-length"] if args.any_length else [])],
                              env=env, capture_output=True, text=True, check=True)
         samples = json.loads(out.stdout.strip().splitlines()[-1])
         summary = {k: slope_per_min(samples, k, args.warmup)

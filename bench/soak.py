@@ -33,6 +33,7 @@ import psutil
 from bench.serving import Deployment, ServerProcess
 from proto.pdserve.v1 import generation_pb2 as pb
 from proto.pdserve.v1 import generation_pb2_grpc as pb_grpc
+from runtime import memory_diag
 
 ROLES = ("Prefill", "Decode", "Colocated")
 
@@ -46,6 +47,7 @@ class SoakConfig:
     cancel_fraction: float = 0.1
     seed: int = 0
     malloc_arena_max: int | None = None
+    memory_diag: bool = False  # workers record runtime/memory_diag.py; kept per sample
     out_dir: Path = Path("bench/results")
 
 
@@ -176,6 +178,8 @@ async def soak(cfg: SoakConfig, target: str, server_pid: int) -> dict[str, Any]:
                     "e2e_p50_s": pct(w.latencies_s, 0.5), "e2e_p99_s": pct(w.latencies_s, 0.99),
                     "ttft_p50_s": pct(w.ttfts_s, 0.5), "ttft_p99_s": pct(w.ttfts_s, 0.99),
                     "codes": w.codes})
+                if cfg.memory_diag:
+                    samples[-1]["memory_diag"] = memory_diag.latest(diag_dir(cfg))
                 sys.stderr.write(f"[soak] {now:6.0f}s rss={samples[-1]['rss_mb']} "
                                  f"codes={w.codes}\n")
                 next_sample += cfg.sample_s
@@ -186,6 +190,28 @@ async def soak(cfg: SoakConfig, target: str, server_pid: int) -> dict[str, Any]:
             await asyncio.sleep(rnd.expovariate(cfg.rate))
         await asyncio.wait(tasks, timeout=300) if tasks else None
     return report(cfg, samples)
+
+
+def diag_dir(cfg: SoakConfig) -> Path:
+    return cfg.out_dir / "logs" / "memory-diag"  # each sample keeps the latest records
+
+
+DIAG_KEYS = ("rssanon_mb", "malloc_in_use_mb", "malloc_held_mb", "malloc_heap_free_mb",
+             "malloc_mmapped_mb", "traced_mb", "python_objects")
+
+
+def diag_slopes(cfg: SoakConfig, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per worker, the after-warm-up slope (per minute) of what the worker itself
+    reports: if malloc's in-use bytes grow with RSS something is kept alive (traced_mb
+    says whether by Python), if only its held bytes grow it is the allocator."""
+    workers = sorted({w for s in samples for w in s.get("memory_diag", {})})
+    out = {}
+    for w in workers:
+        recs = [s["memory_diag"][w] for s in samples
+                if s["t_s"] >= cfg.warmup_s and w in s.get("memory_diag", {})
+                and "error" not in s["memory_diag"][w]]
+        out[w] = {k: slope_mb_per_min([(r["t_s"], r[k]) for r in recs]) for k in DIAG_KEYS}
+    return out
 
 
 def report(cfg: SoakConfig, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,7 +225,9 @@ def report(cfg: SoakConfig, samples: list[dict[str, Any]]) -> dict[str, Any]:
             for n in names}
     return {"config": {k: str(v) for k, v in cfg.__dict__.items()},
             "rss_slope_mb_per_min_after_warmup": slopes,
-            "anon_rss_slope_mb_per_min_after_warmup": anon, "samples": samples}
+            "anon_rss_slope_mb_per_min_after_warmup": anon,
+            "memory_diag_slope_per_min_after_warmup": diag_slopes(cfg, samples),
+            "samples": samples}
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
@@ -229,6 +257,12 @@ def run(cfg: SoakConfig, dep: Deployment) -> dict[str, Any]:
     if cfg.malloc_arena_max is not None:
         os.environ["MALLOC_ARENA_MAX"] = str(cfg.malloc_arena_max)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.memory_diag:  # the server's workers inherit it (runtime/memory_diag.py)
+        diag_dir(cfg).mkdir(parents=True, exist_ok=True)
+        for old in diag_dir(cfg).glob("*.jsonl"):
+            old.unlink()
+        os.environ[memory_diag.ENV_DIR] = str(diag_dir(cfg).resolve())
+        os.environ[memory_diag.ENV_INTERVAL] = str(cfg.sample_s)
     server = ServerProcess(dep, cfg.out_dir / "logs")
     with server as target:
         asyncio.run(wait_ready(target))

@@ -23,6 +23,7 @@ from kvtransfer import spec_of
 from messages import KVSpec, PoolState, WorkerStats
 from runtime.aborted_ids import AbortedIds
 from runtime.config import WorkerConfig
+from runtime.memory_diag import start_from_env
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ class WorkerBase(abc.ABC):
         self.worker_id = config.worker_id
         self.engine = engine
         self.aborted = AbortedIds()  # refuse calls that arrive after their abort
+        self.memory_diag = start_from_env(self.worker_id)  # None unless asked (issue 11)
         # Printed, not logged: Ray forwards an actor's stdout to the driver's terminal,
         # and workers configure no logging.
         print(f"{self.worker_id}: KV pool {engine.pool_size().describe()}", flush=True)
@@ -68,6 +70,8 @@ class WorkerBase(abc.ABC):
         return await self._call(lambda e: e.pool_state())
 
     def shutdown(self) -> None:
+        if self.memory_diag is not None:
+            self.memory_diag.stop()
         self.loop.stop()
 
     def _stats(self, engine: LLMEngine, with_pool: bool = True) -> WorkerStats:
