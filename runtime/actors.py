@@ -29,6 +29,7 @@ from messages import (
     WorkerStats,
 )
 from runtime.config import WorkerConfig
+from runtime.memory_config import configure_worker_memory  # no torch: the router imports this
 
 if TYPE_CHECKING:
     from colocated_worker.worker import ColocatedWorker
@@ -83,6 +84,7 @@ class PrefillActor(_Actor):
     _worker: PrefillWorker
 
     def __init__(self, config: WorkerConfig) -> None:
+        configure_worker_memory()  # before the model loads: oneDNN reads its caps once
         from prefill_worker.worker import PrefillWorker
 
         self._worker = PrefillWorker(config)
@@ -102,6 +104,7 @@ class DecodeActor(_Actor):
     _worker: DecodeWorker
 
     def __init__(self, config: WorkerConfig) -> None:
+        configure_worker_memory()
         from decode_worker.worker import DecodeWorker
 
         self._worker = DecodeWorker(config)
@@ -138,6 +141,7 @@ class ColocatedActor(_Actor):
     _worker: ColocatedWorker
 
     def __init__(self, config: WorkerConfig) -> None:
+        configure_worker_memory()
         from colocated_worker.worker import ColocatedWorker
 
         self._worker = ColocatedWorker(config)
