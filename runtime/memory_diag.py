@@ -120,10 +120,18 @@ def proc_status() -> dict[str, float]:
     return out
 
 
+def short_path(path: str) -> str:
+    """A source path as imported (``ray/actor.py``, ``engine/request.py``): records are
+    kept with results, and the machine's own directories say nothing there."""
+    roots = [r for r in sys.path if r and path.startswith(r.rstrip("/") + "/")]
+    return path[len(max(roots, key=len).rstrip("/")) + 1:] if roots else path
+
+
 def _sites(new: tracemalloc.Snapshot, old: tracemalloc.Snapshot) -> list[dict[str, Any]]:
     stats = new.compare_to(old, "lineno")
     stats.sort(key=lambda s: s.size_diff, reverse=True)
-    return [{"site": str(s.traceback[0]), "kb": round(s.size / 1024, 1),
+    return [{"site": f"{short_path(s.traceback[0].filename)}:{s.traceback[0].lineno}",
+             "kb": round(s.size / 1024, 1),
              "kb_diff": round(s.size_diff / 1024, 1), "count_diff": s.count_diff}
             for s in stats[:TOP]]
 
