@@ -10,7 +10,9 @@ after the warm-up (MB per minute, least squares) and a plot.
 A flat slope after warm-up is what "no leak" looks like from outside. RSS is also
 split into anonymous and shared memory (Ray's object store pages a worker touched count
 in its RSS, bounded by the store). A steady anonymous slope on one process is a leak or
-allocator growth; bench/memory_probe.py tells those two apart (malloc in-use vs held),
+allocator growth; ``--memory-diag`` has each worker say which from the inside
+(runtime/memory_diag.py: malloc in-use vs held bytes per arena, Python's growth sites,
+object counts), bench/memory_probe.py replays a prefill worker's pattern without Ray,
 and ``--malloc-arena-max`` tries one allocator setting.
 """
 
@@ -36,6 +38,7 @@ from proto.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from runtime import memory_diag
 
 ROLES = ("Prefill", "Decode", "Colocated")
+MEMORY_ENV = ("MALLOC_", "ONEDNN_", "LRU_CACHE_CAPACITY", "PDSERVE_MEMORY_DIAG_COLLECT")
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,9 @@ def run(cfg: SoakConfig, dep: Deployment) -> dict[str, Any]:
         assert server.proc is not None
         result = asyncio.run(soak(cfg, target, server.proc.pid))
     result["machine"] = machine()
-    result["command"] = "pdserve bench " + " ".join(sys.argv[1:])
+    # The memory settings the workers inherit change what this measures: name them.
+    env = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith(MEMORY_ENV)]
+    result["command"] = " ".join([*env, "pdserve bench", *sys.argv[1:]])
     (cfg.out_dir / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, cfg.out_dir / "soak-rss.png")
     return result
