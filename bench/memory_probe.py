@@ -12,6 +12,10 @@ threshold), not a leak; if in-use bytes climb with RSS, something is kept alive.
 
     python -m bench.memory_probe --seconds 300 [--out bench/results/memory-probe.json]
 
+With ``--any-length`` prompts take every length from 1 to 1500, so nearly every prefill
+step has a new shape: that is what showed oneDNN's shape-keyed caches growing (malloc
+in-use bytes up ~2.4 MB per new length; flat under "worker defaults").
+
 Each configuration runs in its own process, with the malloc environment it names.
 """
 
@@ -36,6 +40,11 @@ CONFIGS: dict[str, dict[str, str]] = {
     "fixed mmap threshold (1 MiB)": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20),
                                      "MALLOC_TRIM_THRESHOLD_": str(1 << 20)},
     "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"},
+    # What worker actors now set themselves (runtime/memory_config.py): the threshold,
+    # and oneDNN's shape-keyed caches bounded (see --any-length).
+    "worker defaults": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+                        "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
+                        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"},
 }
 LENGTHS = (16, 64, 200, 600, 1500)
 
