@@ -37,7 +37,11 @@ def test_records_growth_sites_types_and_garbage(tmp_path: Path) -> None:
         diag.stop()
     assert rec["malloc_in_use_mb"] > 0 and rec["malloc_held_mb"] >= rec["malloc_in_use_mb"]
     assert rec["rssanon_mb"] > 0 and rec["malloc_arena_in_use_mb"][0] > 0
-    assert rec["sites_since_first"][0]["site"].endswith(f"{Path(__file__).name}:32")
+    # Among the top growth sites, not necessarily the first: in a full test run other
+    # threads (an import, a library's buffers) may allocate more in the same window.
+    ours = [x for x in rec["sites_since_first"]
+            if x["site"].endswith(f"{Path(__file__).name}:32")]
+    assert ours and ours[0]["kb_diff"] > 200  # 5000 one-item lists
     assert rec["types_since_first"]["list"] >= 5000
     assert rec["gc_garbage_types"]["_Cycle"] == 7
     first = json.loads((tmp_path / "w.jsonl").read_text().splitlines()[0])
