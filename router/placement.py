@@ -43,9 +43,15 @@ class Placement:
         self.block_size = block_size
         self.waiting = 0  # requests waiting for KV room (what max_queue bounds)
         self._room = asyncio.Condition()
+        # Counts room_changed calls. A request notes it before it asks the workers for
+        # room and waits only if it has not moved since: a step batch that freed blocks
+        # while the request was still awaiting a worker's "no room" answer would
+        # otherwise notify nobody, and the request would sleep until the next poll.
+        self._room_version = 0
 
     async def room_changed(self) -> None:
         """A worker reported its pool (or a worker started): waiters look again."""
+        self._room_version += 1
         async with self._room:
             self._room.notify_all()
 
@@ -56,6 +62,7 @@ class Placement:
         est = -(-len(tokens) // self.block_size)
         try:
             while True:
+                seen = self._room_version
                 live = await self.registry.wait_live("decode", rr.deadline, rr.placements <= 1)
                 live.sort(key=lambda h: (h.est_usage(), len(h.requests)))
                 for d in live:
@@ -78,17 +85,19 @@ class Placement:
                             f"(max_queue={self.config.max_queue})")
                     waiting = True
                     self.waiting += 1
-                await self._wait_for_room(rr)
+                await self._wait_for_room(rr, seen)
         finally:
             if waiting:
                 self.waiting -= 1
 
-    async def _wait_for_room(self, rr: RouterRequest) -> None:
+    async def _wait_for_room(self, rr: RouterRequest, seen: int) -> None:
         left = rr.remaining_s()
         if left <= 0:
             raise DeadlineExceeded(f"request {rr.request_id} waited for KV room until its "
                                    "deadline")
         async with self._room:
+            if self._room_version != seen:  # room changed while we asked: ask again
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout=min(ROOM_POLL_S, left))
 

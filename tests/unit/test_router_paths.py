@@ -723,3 +723,37 @@ def test_deadline_passes_while_waiting_for_room(cluster: FakeCluster) -> None:
         await settle(router, cluster)
         await router.shutdown()
     run(go())
+
+
+def test_room_freed_while_a_no_room_answer_is_on_its_way_is_not_missed(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode worker answers "no room" to b, and before b's task resumes, a step
+    batch reports a's blocks freed (room_changed with nobody waiting yet). b must look
+    again rather than sleep until the next poll (here: never)."""
+    monkeypatch.setattr(placement_mod, "ROOM_POLL_S", 1000.0)
+
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        decode.free_blocks = decode.free_blocks[:1]  # room for one request
+        first = asyncio.ensure_future(collect(router, request_id="a"))
+        await until(lambda: "a" in router.requests
+                    and router.requests["a"].phase is Phase.DECODING, "a decoding")
+        real_reserve = decode._reserve
+
+        async def reserve_then_free(request_id: str, tokens: list[int], params: object
+                                    ) -> list[int] | None:
+            blocks = await real_reserve(request_id, tokens, params)
+            if blocks is None and request_id.startswith("b"):
+                await first  # a ends: its blocks are back, its last batch announced it
+                await router.placement.room_changed()  # and nobody was waiting yet
+            return blocks
+
+        monkeypatch.setattr(decode, "_reserve", reserve_then_free)
+        toks, _ = await collect(router, request_id="b")
+        assert toks == expected(PROMPT, 12)
+        assert router.placement.waiting == 0
+        decode.free_blocks = list(range(1, decode.num_blocks + 1))
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
