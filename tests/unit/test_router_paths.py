@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ from router.lifecycle import MAX_PLACEMENTS
 from router.request_state import Delta, Events, Phase, RouterRequest
 from router.routing import block_hashes
 from router.streams import coalesce
-from tests.unit.router_fakes import FakeCluster
+from tests.unit.router_fakes import FakeActor, FakeCluster
 from tests.unit.test_router_lifecycle import (
     PARAMS,
     PROMPT,
@@ -543,18 +544,26 @@ def test_step_reports_keep_the_last_pool_state(cluster: FakeCluster) -> None:
     run(go())
 
 
+async def a_decoding_in_a_pool_of_one(cluster: FakeCluster
+                                     ) -> tuple[Router, FakeActor, asyncio.Future[Any]]:
+    """A router whose one decode worker has room for one request, and request "a"
+    decoding there (its collect() future): the next request must wait for room."""
+    router = await start(cluster)
+    decode = cluster.live("decode")[0]
+    decode.free_blocks = decode.free_blocks[:1]
+    first = asyncio.ensure_future(collect(router, request_id="a"))
+    await until(lambda: "a" in router.requests
+                and router.requests["a"].phase is Phase.DECODING, "a decoding")
+    return router, decode, first
+
+
 def test_a_finished_stream_wakes_a_request_waiting_for_room(
         cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Freed blocks reported in a step batch wake the waiters (no polling needed)."""
     monkeypatch.setattr(placement_mod, "ROOM_POLL_S", 1000.0)
 
     async def go() -> None:
-        router = await start(cluster)
-        decode = cluster.live("decode")[0]
-        decode.free_blocks = decode.free_blocks[:1]  # room for one request
-        first = asyncio.ensure_future(collect(router, request_id="a"))
-        await until(lambda: "a" in router.requests
-                    and router.requests["a"].phase is Phase.DECODING, "a decoding")
+        router, decode, first = await a_decoding_in_a_pool_of_one(cluster)
         second = asyncio.ensure_future(collect(router, request_id="b"))
         await until(lambda: router.num_queued == 1, "b waits for room")
         for toks, _ in await asyncio.gather(first, second):
@@ -733,12 +742,7 @@ def test_room_freed_while_a_no_room_answer_is_on_its_way_is_not_missed(
     monkeypatch.setattr(placement_mod, "ROOM_POLL_S", 1000.0)
 
     async def go() -> None:
-        router = await start(cluster)
-        decode = cluster.live("decode")[0]
-        decode.free_blocks = decode.free_blocks[:1]  # room for one request
-        first = asyncio.ensure_future(collect(router, request_id="a"))
-        await until(lambda: "a" in router.requests
-                    and router.requests["a"].phase is Phase.DECODING, "a decoding")
+        router, decode, first = await a_decoding_in_a_pool_of_one(cluster)
         real_reserve = decode._reserve
 
         async def reserve_then_free(request_id: str, tokens: list[int], params: object
