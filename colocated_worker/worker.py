@@ -2,7 +2,8 @@
 
     generate(prompt)  -> the request joins the engine's queue; chunked prefill runs in
                          mixed batches with the running decodes (vLLM style)
-    stream()          <- one long-lived generator: a StepBatch per engine step
+    stream()          <- one long-lived generator: a StepBatch per engine step, served
+                         to the router on the token channel (runtime/token_channel.py)
     abort(id)         -> drop it wherever it is; its blocks return to the pool
 
 No KV crosses workers here. When the pool runs dry the engine preempts its youngest
@@ -25,7 +26,7 @@ class ColocatedWorker(StreamingWorker):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
-        """Queue a whole request; its tokens arrive through stream(). Nothing happens if
+        """Queue a whole request; its tokens arrive on the stream. Nothing happens if
         the request was aborted before this call arrived."""
         self.tokens.bind()
         if request_id in self.aborted:

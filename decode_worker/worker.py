@@ -7,7 +7,8 @@ Disaggregated lifecycle of one request on this worker::
                          reserved blocks between engine steps in bounded slices
                          (decode_worker/staged_import.py), join the running batch with
                          the first token from the prefill
-    stream()          <- one long-lived generator: a StepBatch per engine step, carrying
+    stream()          <- one long-lived generator (served to the router on the token
+                         channel, runtime/token_channel.py): a StepBatch per step, carrying
                          every request's new tokens, ends, migrations and worker stats
     abort(id)         -> drop it wherever it is; its blocks return to the pool
 

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
-from messages import StepBatch, TokenEvent
+from messages import TokenEvent
 from router.errors import RequestFailedError
 from router.request_state import AttemptEnd, Delta, Final, RouterRequest
 from router.worker_handle import WorkerHandle
@@ -86,8 +86,7 @@ class StreamConsumer:
 
     async def _consume(self, h: WorkerHandle) -> None:
         try:
-            async for ref in h.stream():
-                batch: StepBatch = await ref
+            async for batch in h.step_batches():
                 stats = batch.stats
                 if stats.pool is None and h.stats is not None:  # read once a second
                     stats = dataclasses.replace(stats, pool=h.stats.pool)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,10 +20,11 @@ import ray
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from messages import Endpoint, KVSpec, PrefillResult, PrefillTask, WorkerStats
+from messages import Endpoint, KVSpec, PrefillResult, PrefillTask, StepBatch, WorkerStats
 from router.errors import TransferFailed, WorkerLost
 from router.routing import PrefillLoad
 from runtime.actors import NodeInfo
+from runtime.token_channel import read_channel
 
 T = TypeVar("T")
 
@@ -130,9 +131,13 @@ class WorkerHandle:
         with contextlib.suppress(WorkerLost, ray.exceptions.RayError):
             await self.call(self.actor.abort.remote(request_id))
 
-    def stream(self) -> Any:
-        """The worker's step batches (an ObjectRefGenerator of StepBatch)."""
-        return self.actor.stream.remote()
+    async def step_batches(self) -> AsyncIterator[StepBatch]:
+        """The worker's step batches, one per engine step (or heartbeat), read from its
+        token channel (runtime/token_channel.py); TokenChannelError when it breaks."""
+        address = await self.call(self.actor.stream_channel.remote())
+        async with contextlib.aclosing(read_channel(address)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def fetch_stats(self) -> WorkerStats:
         return await self.call(self.actor.stats.remote())

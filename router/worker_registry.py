@@ -162,6 +162,9 @@ class WorkerRegistry:
             return
         del self.workers[h.worker_id]
         h.mark_lost()
+        if h.stream_task is not None and h.stream_task is not asyncio.current_task():
+            # Its token channel is a TCP connection: a node that vanished sends no FIN.
+            h.stream_task.cancel()
         self._kill(h)  # it may be half alive (unreachable node): make sure
         self._give_back(h.role, self._bundle.pop(h.worker_id, None))
         if self._closing:

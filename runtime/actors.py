@@ -14,7 +14,6 @@ shutdown.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.sampling_params import SamplingParams
@@ -23,13 +22,13 @@ from messages import (
     KVSpec,
     PrefillResult,
     PrefillTask,
-    StepBatch,
     TokenLogprobs,
     TransferHandle,
     WorkerStats,
 )
 from runtime.config import WorkerConfig
 from runtime.memory_config import configure_worker_memory  # no torch: the router imports this
+from runtime.token_channel import ChannelAddress, TokenChannelServer
 
 if TYPE_CHECKING:
     from colocated_worker.worker import ColocatedWorker
@@ -98,7 +97,24 @@ class PrefillActor(_Actor):
         return await self._worker.abort(request_id)
 
 
-class DecodeActor(_Actor):
+class _StreamingActor(_Actor):
+    """Decode and colocated workers: their tokens stream to the router."""
+
+    _worker: DecodeWorker | ColocatedWorker
+    _channel: TokenChannelServer | None = None
+
+    async def stream_channel(self) -> ChannelAddress:
+        """Where to read this worker's token stream -- one StepBatch per engine step, or
+        a heartbeat each second, never ending -- on a connection of its own
+        (runtime/token_channel.py: Ray's streaming generator costs ~1.5 ms a step)."""
+        import ray
+
+        if self._channel is None:
+            self._channel = TokenChannelServer(self._worker.stream)
+        return await self._channel.open(ray.util.get_node_ip_address())
+
+
+class DecodeActor(_StreamingActor):
     """Also the kvtransfer.peer.KVPeer of its KV receiver (``kv_peer``)."""
 
     _worker: DecodeWorker
@@ -128,16 +144,11 @@ class DecodeActor(_Actor):
     async def abort(self, request_id: str) -> bool:
         return await self._worker.abort(request_id)
 
-    async def stream(self) -> AsyncIterator[StepBatch]:
-        """One StepBatch per engine step, or a heartbeat each second. Never ends."""
-        async for batch in self._worker.stream():
-            yield batch
-
     async def kv_peer(self, message: PeerMessage) -> None:
         await self._worker.kv_peer(message)
 
 
-class ColocatedActor(_Actor):
+class ColocatedActor(_StreamingActor):
     _worker: ColocatedWorker
 
     def __init__(self, config: WorkerConfig) -> None:
@@ -148,16 +159,12 @@ class ColocatedActor(_Actor):
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> None:
-        """Queue a whole request (prefill and decode here); tokens come on stream()."""
+        """Queue a whole request (prefill and decode here); tokens come on the stream
+        (stream_channel)."""
         await self._worker.generate(request_id, prompt_token_ids, params)
 
     async def abort(self, request_id: str) -> bool:
         return await self._worker.abort(request_id)
-
-    async def stream(self) -> AsyncIterator[StepBatch]:
-        """One StepBatch per engine step, or a heartbeat each second. Never ends."""
-        async for batch in self._worker.stream():
-            yield batch
 
 
 ACTORS: dict[str, type[_Actor]] = {  # one per runtime.config.ROLES

@@ -21,6 +21,7 @@ from kvtransfer import PeerMessage
 from messages import KVTransferError, PrefillTask, TokenEvent, WorkerStats
 from runtime.actors import actor_class
 from runtime.config import ROLES, WorkerConfig
+from runtime.token_channel import read_channel
 from tests.e2e.runtime_fixtures import CHATS, GREEDY, LoopThread, ensure_ray
 
 PROMPTS = CHATS[:3]
@@ -32,11 +33,10 @@ class Stream:
     def __init__(self, lt: LoopThread, actor: Any) -> None:
         self.events: dict[str, list[TokenEvent]] = defaultdict(list)
         self.heartbeats: list[WorkerStats] = []
-        asyncio.run_coroutine_threadsafe(self._consume(actor), lt.loop)
+        self.task = asyncio.run_coroutine_threadsafe(self._consume(actor), lt.loop)
 
     async def _consume(self, actor: Any) -> None:
-        async for ref in actor.stream.remote():
-            batch = await ref
+        async for batch in read_channel(await actor.stream_channel.remote()):
             if not batch.events:
                 self.heartbeats.append(batch.stats)
             for ev in batch.events:
@@ -47,6 +47,8 @@ class Stream:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while not (self.events[request_id] and self.events[request_id][-1].finish_reason):
+            if self.task.done():
+                self.task.result()  # the stream broke: say why
             assert loop.time() < end, f"{request_id} did not finish"
             await asyncio.sleep(0.05)
         return [t for ev in self.events[request_id] for t in ev.token_ids]

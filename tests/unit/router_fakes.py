@@ -44,6 +44,7 @@ from messages import (
 from messages.transfer import KVTransferError
 from router.config import RouterConfig
 from runtime.actors import NodeInfo
+from runtime.token_channel import ChannelAddress, TokenChannelServer
 
 SPEC = KVSpec((1, 2, 16, 1, 8), "float32", 4)
 
@@ -133,6 +134,7 @@ class FakeActor:
         self.start_gate.set()
         self.abort_gate.set()
         self._ticker: asyncio.Task[None] | None = None
+        self._channel: TokenChannelServer | None = None
         if self.role in ("decode", "colocated"):
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
@@ -306,29 +308,22 @@ class FakeActor:
             if events:
                 self.events.put_nowait(events)
 
-    def _stream_gen(self) -> AsyncIterator[asyncio.Future[StepBatch]]:
-        async def gen() -> AsyncIterator[asyncio.Future[StepBatch]]:
-            while not self.dead:
-                events = await self.events.get()
-                if self.dead:
-                    break
-                if self.stream_broken:
-                    raise RuntimeError("the token stream broke (fake)")
-                fut: asyncio.Future[StepBatch] = asyncio.get_running_loop().create_future()
-                fut.set_result(StepBatch(self.worker_id, events, await self._stats()))
-                yield fut
-            raise ray.exceptions.ActorDiedError()
-        return gen()
+    async def _batches(self) -> AsyncIterator[StepBatch]:
+        """The worker side of its token channel (runtime/token_channel.py, served for
+        real on loopback): a batch per "step" until the actor dies."""
+        while not self.dead:
+            events = await self.events.get()
+            if self.dead:
+                break
+            if self.stream_broken:
+                raise RuntimeError("the token stream broke (fake)")
+            yield StepBatch(self.worker_id, events, await self._stats())
+        # A dead process's connection closes: the reader sees the channel break.
 
-    @property
-    def stream(self) -> Any:
-        actor = self
-
-        class _S:
-            @staticmethod
-            def remote() -> AsyncIterator[asyncio.Future[StepBatch]]:
-                return actor._stream_gen()
-        return _S()
+    async def _stream_channel(self) -> ChannelAddress:
+        if self._channel is None:
+            self._channel = TokenChannelServer(self._batches)
+        return await self._channel.open("127.0.0.1")
 
     # -- prefill -------------------------------------------------------------------------
     async def _prefill(self, task: PrefillTask) -> PrefillResult:

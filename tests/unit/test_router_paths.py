@@ -509,8 +509,27 @@ def test_a_broken_token_stream_loses_the_worker(cluster: FakeCluster,
         said = [r.getMessage() for r in caplog.records
                 if r.name in ("router.streams", "router.worker_registry")
                 and r.getMessage().startswith(f"worker {old.worker_id} ")]
-        assert said[0] == f"worker {old.worker_id} stream ended: the token stream broke (fake)"
+        assert said[0] == (f"worker {old.worker_id} stream ended: the worker's stream "
+                           "failed: RuntimeError: the token stream broke (fake)")
         assert said[1].endswith(" lost (its token stream broke); starting a replacement")
+        assert (await collect(router))[0] == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_lost_worker_stops_its_token_stream_reader(cluster: FakeCluster) -> None:
+    """A worker lost another way (its lifeline: a node that vanished sends no FIN) must
+    not leave the router reading its silent token channel forever."""
+    async def go() -> None:
+        router = await start(cluster)
+        h = router.registry.workers[cluster.live("decode")[0].worker_id]
+        assert h.stream_task is not None and not h.stream_task.done()
+        router.registry.lose(h, "its node is gone")  # the stream itself never broke
+        await until(lambda: h.stream_task is not None and h.stream_task.done(),
+                    "the reader stopped")
+        assert h.stream_task.cancelled()
+        await until(lambda: router.registry.live("decode"), "replaced")
         assert (await collect(router))[0] == expected(PROMPT, 12)
         await settle(router, cluster)
         await router.shutdown()
