@@ -8,12 +8,13 @@ death is seen within Ray's own detection time and a busy worker -- however deep 
 queue -- is never mistaken for a dead one. A death marks the handle lost (every request
 waiting on it is placed again, see router/lifecycle.py) and starts a replacement.
 
-Node loss: a node's death fails the lifelines of every worker on it; each is counted
-(``lost``, by role and reason: ``node_lost`` if its Ray node is gone, else
-``actor_died``) and replaced. A replacement asks for the same resources (custom ones
-included), so Ray puts it on another node that offers them -- or keeps it pending until
-one joins. While a spawn is pending the registry checks every CAPACITY_POLL_S whether
-any alive node could host it at all (router/node_resources.py); if none can, the role
+Node loss: a node's death fails the lifelines (and breaks the token channels) of every
+worker on it; each is counted (``lost``, by role and reason: ``node_lost`` if Ray
+declares its node dead within LOSS_VERDICT_S, else ``actor_died``) and replaced. A
+replacement asks for the same resources (custom ones included), so Ray puts it on
+another node that offers them -- or keeps it pending until one joins. While a spawn
+is pending the registry checks every CAPACITY_POLL_S whether any alive node could host
+it at all (router/node_resources.py); if none can, the role
 is *unplaceable*: new requests needing it fail at once with NoWorkersError
 (UNAVAILABLE) and the reason, rather than wait for a worker that cannot start, until a
 node joins. Requests already under way that are being placed again (their worker was on
@@ -52,6 +53,7 @@ from router.worker_spawn import create_worker, worker_options
 log = logging.getLogger(__name__)
 REPLACE_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed replacement attempts
 CAPACITY_POLL_S = 0.5  # while a spawn is pending: can any alive node host it?
+LOSS_VERDICT_S = 30.0  # a lost worker's node may be declared dead this long after
 
 
 class WorkerRegistry:
@@ -176,15 +178,23 @@ class WorkerRegistry:
         self._spawn_task(self._notify())
 
     async def _count_loss(self, h: WorkerHandle) -> None:
-        """Count the loss as ``node_lost`` when the worker's Ray node is gone (Ray fails
-        the node's actors after marking it dead), else ``actor_died``."""
+        """Count the loss as ``node_lost`` when the worker's Ray node is gone, else
+        ``actor_died``. A dead node's workers are often seen gone (their token channel
+        breaks) before Ray has marked the node dead (its health checks take seconds), so
+        the node gets LOSS_VERDICT_S to be declared dead before the loss counts as the
+        actor's alone."""
         reason = "actor_died"
         if h.node is not None:
             with contextlib.suppress(Exception):  # the GCS unreachable: keep the default
-                nodes = await asyncio.to_thread(ray.nodes)
-                alive = {n["NodeID"] for n in nodes if n.get("Alive")}
-                if h.node.node_id not in alive:
-                    reason = "node_lost"
+                until = asyncio.get_running_loop().time() + LOSS_VERDICT_S
+                while True:
+                    nodes = await asyncio.to_thread(ray.nodes)
+                    if h.node.node_id not in {n["NodeID"] for n in nodes if n.get("Alive")}:
+                        reason = "node_lost"
+                        break
+                    if asyncio.get_running_loop().time() >= until:
+                        break
+                    await asyncio.sleep(CAPACITY_POLL_S)
         self.lost[(h.role, reason)] += 1
 
     async def _watch_capacity(self, role: str) -> None:
