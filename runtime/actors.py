@@ -106,7 +106,7 @@ class _StreamingActor(_Actor):
     async def stream_channel(self) -> ChannelAddress:
         """Where to read this worker's token stream -- one StepBatch per engine step, or
         a heartbeat each second, never ending -- on a connection of its own
-        (runtime/token_channel.py: Ray's streaming generator costs ~1.5 ms a step)."""
+        (runtime/token_channel.py: Ray's streaming generator costs ~2 ms a step)."""
         import ray
 
         if self._channel is None:

@@ -1,10 +1,11 @@
 """A worker's token stream to the router over its own TCP connection.
 
-Ray's streaming generator costs about 1.5 ms of the router's CPU (and 1 ms of the
-worker's) per item, whatever its size (bench/stream_transport.py): with one item per
-engine step that was most of the router's cost per token, and on a GPU, where a step
-takes a few milliseconds, it would be a fifth of a core. So the step batches travel on a
-plain connection instead, and Ray carries only the calls:
+Ray's streaming generator costs about 2 ms of the router's CPU (and as much of the
+worker's) per item, whatever its size; this channel 0.4-0.6 ms (bench/stream_transport.py).
+With one item per engine step that was a quarter of the router's CPU per token on CPU,
+and on a GPU, where a step takes a few milliseconds, it would be a good part of a core
+on each side. So the step batches travel on a plain connection instead, and Ray carries
+only the calls:
 
     router --stream_channel()--> actor          (a Ray call: host, port and a secret)
     router --TCP connect, the secret--> worker  (the worker checks it, then writes)
