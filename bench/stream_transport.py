@@ -27,17 +27,10 @@ from typing import Any
 
 import ray
 
+from bench.grpc_floor import cpu_seconds
 from engine.stats import EngineStats
 from messages import PoolState, StepBatch, TokenEvent, WorkerStats
 from runtime.token_channel import ChannelAddress, TokenChannelServer, read_channel
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text()
-    fields = f[f.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def step_batch(step: int, events: int) -> StepBatch:

@@ -576,6 +576,15 @@ async def a_decoding_in_a_pool_of_one(cluster: FakeCluster
     return router, decode, first
 
 
+async def end_in_a_pool_of_one(router: Router, decode: FakeActor,
+                               cluster: FakeCluster) -> None:
+    """Nobody waits for room any more; the pool gets its blocks back for the audit."""
+    assert router.placement.waiting == 0
+    decode.free_blocks = list(range(1, decode.num_blocks + 1))
+    await settle(router, cluster)
+    await router.shutdown()
+
+
 def test_a_finished_stream_wakes_a_request_waiting_for_room(
         cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Freed blocks reported in a step batch wake the waiters (no polling needed)."""
@@ -587,10 +596,7 @@ def test_a_finished_stream_wakes_a_request_waiting_for_room(
         await until(lambda: router.num_queued == 1, "b waits for room")
         for toks, _ in await asyncio.gather(first, second):
             assert toks == expected(PROMPT, 12)
-        assert router.placement.waiting == 0
-        decode.free_blocks = list(range(1, decode.num_blocks + 1))
-        await settle(router, cluster)
-        await router.shutdown()
+        await end_in_a_pool_of_one(router, decode, cluster)
     run(go())
 
 
@@ -775,8 +781,5 @@ def test_room_freed_while_a_no_room_answer_is_on_its_way_is_not_missed(
         monkeypatch.setattr(decode, "_reserve", reserve_then_free)
         toks, _ = await collect(router, request_id="b")
         assert toks == expected(PROMPT, 12)
-        assert router.placement.waiting == 0
-        decode.free_blocks = list(range(1, decode.num_blocks + 1))
-        await settle(router, cluster)
-        await router.shutdown()
+        await end_in_a_pool_of_one(router, decode, cluster)
     run(go())

@@ -58,6 +58,13 @@ class Source:
             self.closed += 1
 
 
+async def serving() -> tuple[Source, TokenChannelServer, ChannelAddress]:
+    """A worker's channel, listening on loopback, and the stream it serves."""
+    src = Source()
+    server = TokenChannelServer(src.stream)
+    return src, server, await server.open("127.0.0.1")
+
+
 async def take(reader: AsyncIterator[StepBatch], n: int) -> list[StepBatch]:
     return [await asyncio.wait_for(anext(reader), 10) for _ in range(n)]
 
@@ -69,9 +76,7 @@ def test_a_frame_round_trips_every_field() -> None:
 
 def test_the_reader_gets_every_batch_in_order() -> None:
     async def go() -> None:
-        src = Source()
-        server = TokenChannelServer(src.stream)
-        address = await server.open("127.0.0.1")
+        src, server, address = await serving()
         for i in range(5):
             src.queue.put_nowait(batch(i))
         reader = read_channel(address)
@@ -85,9 +90,7 @@ def test_the_reader_gets_every_batch_in_order() -> None:
 
 def test_a_reader_without_the_secret_gets_nothing() -> None:
     async def go() -> None:
-        src = Source()
-        server = TokenChannelServer(src.stream)
-        address = await server.open("127.0.0.1")
+        src, server, address = await serving()
         src.queue.put_nowait(batch(0))
         forged = ChannelAddress(address.host, address.port, os.urandom(32))
         with pytest.raises(TokenChannelError, match="closed"):
@@ -131,9 +134,8 @@ def test_a_forged_server_cannot_make_the_reader_run_code() -> None:
 
 def test_a_failed_stream_breaks_the_channel_with_its_reason() -> None:
     async def go() -> None:
-        src = Source()
-        server = TokenChannelServer(src.stream)
-        reader = read_channel(await server.open("127.0.0.1"))
+        src, server, address = await serving()
+        reader = read_channel(address)
         src.queue.put_nowait(batch(0))
         src.queue.put_nowait(RuntimeError("the engine thread died"))
         assert await take(reader, 1) == [batch(0)]
@@ -145,9 +147,7 @@ def test_a_failed_stream_breaks_the_channel_with_its_reason() -> None:
 
 def test_a_newer_reader_replaces_the_old_one() -> None:
     async def go() -> None:
-        src = Source()
-        server = TokenChannelServer(src.stream)
-        address = await server.open("127.0.0.1")
+        src, server, address = await serving()
         first = read_channel(address)
         src.queue.put_nowait(batch(0))
         assert await take(first, 1) == [batch(0)]
@@ -167,9 +167,8 @@ def test_a_newer_reader_replaces_the_old_one() -> None:
 
 def test_a_reader_that_goes_away_closes_the_stream() -> None:
     async def go() -> None:
-        src = Source()
-        server = TokenChannelServer(src.stream)
-        reader = read_channel(await server.open("127.0.0.1"))
+        src, server, address = await serving()
+        reader = read_channel(address)
         src.queue.put_nowait(batch(0))
         await take(reader, 1)
         await reader.aclose()
