@@ -1,7 +1,8 @@
 """Token events from the engine thread to the actor's event loop, one consumer.
 
 A decode or colocated worker has one long-lived stream (``StreamingWorker.stream``):
-the router iterates it for the worker's whole life. Events are produced on the engine
+the router reads it, through the worker's token channel (runtime/token_channel.py),
+for the worker's whole life. Events are produced on the engine
 thread (step outputs) or the event loop (a request finished on arrival); both hand them
 over with ``emit``. The queue belongs to the event loop, so ``bind`` must have been
 called there before anything is emitted (the first request or the stream call does it);
