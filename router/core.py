@@ -36,7 +36,7 @@ from router.errors import QueueFullError
 from router.lifecycle import Lifecycle
 from router.placement import Placement
 from router.request_state import Delta, Final, RouterRequest
-from router.streams import StreamConsumer, coalesce, fill_to_interval
+from router.streams import StreamConsumer, coalesce
 from router.worker_handle import WorkerHandle
 from router.worker_registry import WorkerRegistry
 
@@ -106,17 +106,12 @@ class Router:
         rr = self._admit(prompt_token_ids, params, request_id, timeout_s)
         rr.task = asyncio.get_running_loop().create_task(self.lifecycle.drive(rr))
         behind: Delta | Final | BaseException | None = None  # taken out by a merge
-        interval = self.config.stream_interval
-        first = True  # the first token goes out at once (TTFT), whatever the interval
         try:
             while True:
                 item = behind if behind is not None else await rr.queue.get()
                 behind = None
                 if isinstance(item, Delta):  # one message for all the client missed
                     item, behind = coalesce(item, rr.queue)
-                    if not first and behind is None and interval > 1:
-                        item, behind = await fill_to_interval(item, rr.queue, interval)
-                    first = False
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -153,7 +148,8 @@ class Router:
                  if self.tokenizer is not None else None)
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = asyncio.get_running_loop().time() + timeout
-        rr = RouterRequest(rid, list(prompt_token_ids), params, detok, deadline)
+        rr = RouterRequest(rid, list(prompt_token_ids), params, detok, deadline,
+                          self.config.stream_interval)
         self.requests[rid] = rr
         return rr
 

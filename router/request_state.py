@@ -88,7 +88,7 @@ class AttemptEnd(enum.Enum):
 class RouterRequest:
     def __init__(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        detok: IncrementalDetokenizer | None, deadline: float,
+        detok: IncrementalDetokenizer | None, deadline: float, stream_interval: int = 1,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -103,6 +103,10 @@ class RouterRequest:
         self.phase = Phase.ADMITTED
         self.events = Events()
         self.queue: asyncio.Queue[Delta | Final | BaseException] = asyncio.Queue()
+        # --stream-interval: tokens after the first are held here until there are this
+        # many, so the edge's task wakes (and writes) once per N tokens, not per token.
+        self.stream_interval = stream_interval
+        self._held: Delta | None = None
         self.done = False
         self.finish_reason: str | None = None  # stop | length | abort | error, once done
         self.task: asyncio.Task[None] | None = None
@@ -153,8 +157,28 @@ class RouterRequest:
                 if step.stopped:
                     stopped = True
                     break
-        self.queue.put_nowait(Delta(token_ids[:taken], text, logprobs[:taken]))
+        first = len(self.generated) == taken
+        self._emit(Delta(token_ids[:taken], text, logprobs[:taken]), first, last=stopped)
         return stopped
+
+    def _emit(self, delta: Delta, first: bool, last: bool) -> None:
+        """Queue ``delta`` for the edge -- at once if it holds the first token (TTFT) or
+        the last, else held with the tokens before it until they fill the interval."""
+        if self._held is not None:
+            held = self._held
+            delta = Delta(held.token_ids + delta.token_ids, held.text + delta.text,
+                          held.logprobs + delta.logprobs)
+            self._held = None
+        if first or last or len(delta.token_ids) >= self.stream_interval:
+            self.queue.put_nowait(delta)
+        else:
+            self._held = delta
+
+    def _release_held(self) -> None:
+        """Nothing is held past the end: held tokens go out before the Final or error."""
+        if self._held is not None:
+            self.queue.put_nowait(self._held)
+            self._held = None
 
     def finish(self, reason: str, error: str | None = None) -> None:
         if self.done:
@@ -164,6 +188,7 @@ class RouterRequest:
         self.phase = Phase.FINISHED
         self.events.finished = time.monotonic()
         tail = self.detok.flush() if self.detok is not None and reason != "error" else ""
+        self._release_held()
         self.queue.put_nowait(Final(reason, self.usage(), tail, error))
 
     def fail(self, err: BaseException) -> None:
@@ -174,4 +199,5 @@ class RouterRequest:
         self.finish_reason = "error"
         self.phase = Phase.FINISHED
         self.events.finished = time.monotonic()
+        self._release_held()
         self.queue.put_nowait(err)

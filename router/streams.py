@@ -27,31 +27,6 @@ log = logging.getLogger(__name__)
 QueueItem = Delta | Final | BaseException
 
 
-def _joined(a: Delta, b: Delta) -> Delta:
-    """``a`` then ``b`` as one new Delta (neither is mutated: queued items are shared)."""
-    return Delta(a.token_ids + b.token_ids, a.text + b.text, a.logprobs + b.logprobs)
-
-
-async def fill_to_interval(first: Delta, queue: asyncio.Queue[QueueItem], interval: int
-                           ) -> tuple[Delta, QueueItem | None]:
-    """``first`` and the Deltas that follow it until they hold ``interval`` tokens, as
-    one Delta, and the item that ended the wait early (a Final or an error; None if the
-    interval filled). ``--stream-interval``: a message per ``interval`` tokens instead of
-    per token cuts the router's per-message cost (a gRPC or SSE write, a task wake-up)
-    by about that factor, at the price of that many steps between messages. The wait is
-    bounded: every request's queue ends with a Final or an error (its deadline
-    included)."""
-    merged = first
-    while len(merged.token_ids) < interval:
-        nxt = await queue.get()
-        if not isinstance(nxt, Delta):
-            return merged, nxt
-        merged, behind = coalesce(_joined(merged, nxt), queue)
-        if behind is not None:
-            return merged, behind
-    return merged, None
-
-
 def coalesce(first: Delta, queue: asyncio.Queue[QueueItem]) -> tuple[Delta, QueueItem | None]:
     """``first`` and every Delta queued right behind it, as one Delta (tokens, text and
     logprobs in order), and the item that stopped the merge (a Final or an error; None

@@ -8,8 +8,8 @@ import asyncio
 
 from engine.sampling_params import SamplingParams
 from messages import TokenLogprobs
-from router.request_state import Delta, Final, Usage
-from router.streams import QueueItem, coalesce, fill_to_interval
+from router.request_state import Delta, Final, RouterRequest, Usage
+from router.streams import QueueItem, coalesce
 from tests.unit.router_fakes import FakeCluster
 from tests.unit.test_router_lifecycle import PROMPT, cluster, expected, run, settle, start
 
@@ -129,16 +129,46 @@ async def interval_of(cluster: FakeCluster, n: int) -> None:
     await router.shutdown()
 
 
+def held_request(interval: int) -> RouterRequest:
+    params = SamplingParams(max_tokens=16)
+    return RouterRequest("r", [1, 2], params, None, deadline=1e9, stream_interval=interval)
+
+
+def drained(rr: RouterRequest) -> list[QueueItem]:
+    items: list[QueueItem] = []
+    while not rr.queue.empty():
+        items.append(rr.queue.get_nowait())
+    return items
+
+
+def test_stream_interval_holds_tokens_on_the_producer_side() -> None:
+    """The edge's task is woken once per N tokens: the Deltas are merged before they
+    are queued, not after."""
+    rr = held_request(3)
+    for tok in range(1, 9):
+        rr.add_tokens([tok], [lp(-tok)])
+    items = drained(rr)
+    assert [d.token_ids for d in items if isinstance(d, Delta)] == [[1], [2, 3, 4], [5, 6, 7]]
+    assert [x.logprob for x in items[1].logprobs] == [-2.0, -3.0, -4.0]
+    rr.finish("length")  # token 8 is held: it goes out before the Final, never after
+    tail = drained(rr)
+    assert isinstance(tail[0], Delta) and tail[0].token_ids == [8]
+    assert isinstance(tail[1], Final) and tail[1].usage.completion_tokens == 8
+
+
 def test_stream_interval_does_not_hold_tokens_past_an_error() -> None:
-    async def go() -> None:
-        q: asyncio.Queue[QueueItem] = asyncio.Queue()
-        err = RuntimeError("worker failed")
-        q.put_nowait(Delta([2], "b", []))
-        q.put_nowait(err)
-        merged, behind = await fill_to_interval(Delta([1], "a", []), q, 8)
-        assert merged.token_ids == [1, 2] and merged.text == "ab" and behind is err
-        q.put_nowait(Delta([3, 4], "cd", []))
-        q.put_nowait(Delta([5], "e", []))
-        merged, behind = await fill_to_interval(Delta([1], "a", []), q, 3)
-        assert merged.token_ids == [1, 3, 4, 5] and behind is None  # coalesced past n
-    run(go())
+    rr = held_request(8)
+    rr.add_tokens([1], [])
+    rr.add_tokens([2], [])
+    err = RuntimeError("worker failed")
+    rr.fail(err)
+    items = drained(rr)
+    assert isinstance(items[1], Delta) and items[1].token_ids == [2] and items[2] is err
+    assert len(items) == 3
+
+
+def test_stream_interval_one_queues_every_step() -> None:
+    rr = held_request(1)
+    for tok in range(1, 5):
+        rr.add_tokens([tok], [])
+    assert [d.token_ids for d in drained(rr) if isinstance(d, Delta)] == [[1], [2], [3], [4]]
