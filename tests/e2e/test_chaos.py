@@ -10,6 +10,7 @@ PDSERVE_SLOW=1 runs the randomized tests thousands of times instead of a few hun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -162,6 +163,20 @@ def test_decode_killed_while_its_reservations_prefill(h: RouterHarness, llm: LLM
 
 def test_decode_killed_mid_stream(h: RouterHarness, llm: LLM) -> None:
     _kill_during(h, llm, "decode", Phase.DECODING, h.prompts(6), GREEDY40)
+
+
+def test_decode_killed_mid_stream_with_tokens_held_by_stream_interval(
+        h: RouterHarness, llm: LLM) -> None:
+    """--stream-interval holds a request's tokens in the router between messages; a
+    decode worker killed meanwhile must not lose or repeat them when the request moves
+    to the replacement."""
+    config = h.router.config
+    # 40 tokens go out as 1 + 9 x 4, with 3 still held when the request finishes.
+    h.router.config = dataclasses.replace(config, stream_interval=4)
+    try:
+        _kill_during(h, llm, "decode", Phase.DECODING, h.prompts(6), GREEDY40)
+    finally:
+        h.router.config = config
 
 
 def test_prefill_killed_mid_prefill(h: RouterHarness, llm: LLM) -> None:
