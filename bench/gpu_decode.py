@@ -4,12 +4,13 @@ One engine (``dummy:llama-3-8b``, bf16, 512-token prompts) decodes at batch 1, 8
 Per batch, after prefill and three warm-up steps:
 
 - ``step_ms``: the median wall time of ``LLMEngine.step()`` (synchronized): what a
-  decode worker's token costs, host work (scheduling, metadata, sampling) included;
+  decode worker's token costs, host work (scheduling, metadata, sampling) included,
+  with the engine's CUDA graphs (engine/decode_graphs.py) as it serves;
+- ``step_ms_eager``: the same steps with the graphs turned off (``--no-cuda-graphs``);
 - ``roofline_ms``: (weight bytes + the batch's KV bytes) / the copy bandwidth measured
   in this step -- no decode step can read its weights and KV faster;
-- ``forward_eager_ms`` / ``forward_graph_ms``: the model's forward + LM head alone on the
-  same batch, launched eagerly and replayed from a CUDA graph captured here (the engine
-  itself has no CUDA graphs yet: this measures what they would remove);
+- ``forward_eager_ms`` / ``forward_graph_ms``: the model's forward alone on the same
+  batch, launched eagerly and replayed from the engine's graph for the batch;
 - ``host_syncs_per_step``: synchronizing calls in one step, counted by torch's sync
   debug mode (each is a stall of the host on the GPU);
 - ``triton_cache_new_entries``: kernels compiled during the timed steps (recompiles
@@ -29,6 +30,7 @@ from bench.gpu_common import StepContext, copy_bandwidth, median_ms
 from bench.gpu_plan import NUM, OPT_NUM, OPT_STR
 
 _BATCH = {"batch": NUM, "context": NUM, "step_ms": NUM, "step_ms_p90": NUM,
+          "step_ms_eager": NUM, "graph_buckets": OPT_NUM,
           "roofline_ms": NUM, "fraction_of_roofline": NUM, "weights_bytes": NUM,
           "kv_bytes": NUM, "forward_eager_ms": OPT_NUM, "forward_graph_ms": OPT_NUM,
           "graph_error": OPT_STR, "host_syncs_per_step": OPT_NUM,
@@ -39,6 +41,7 @@ FAKE: dict[str, Any] = {
     "model": "dummy:llama-3-8b", "dtype": "bfloat16", "prompt_tokens": 512,
     "copy_gb_per_s": 4300.0, "engine_build_s": 14.0,
     "batches": [{"batch": 1, "context": 520, "step_ms": 21.0, "step_ms_p90": 23.0,
+                 "step_ms_eager": 30.0, "graph_buckets": 11,
                  "roofline_ms": 3.7, "fraction_of_roofline": 0.18, "weights_bytes": 16e9,
                  "kv_bytes": 68e6, "forward_eager_ms": 12.0, "forward_graph_ms": 4.6,
                  "graph_error": None, "host_syncs_per_step": 3, "triton_cache_new_entries": 0}],
@@ -48,7 +51,9 @@ FAKE: dict[str, Any] = {
 def headline(r: dict[str, Any]) -> dict[str, Any]:
     return {f"b{b['batch']}_fraction_of_roofline": b["fraction_of_roofline"]
             for b in r["batches"]} | {
-        f"b{b['batch']}_step_ms": b["step_ms"] for b in r["batches"]}
+        f"b{b['batch']}_step_ms": b["step_ms"] for b in r["batches"]} | {
+        f"b{b['batch']}_eager_over_graphs": b["step_ms_eager"] / b["step_ms"]
+        for b in r["batches"]}
 
 
 def _cache_entries() -> int | None:
@@ -101,29 +106,27 @@ def _forward_times(engine: Any, rids: list[str], cuda: bool) -> dict[str, Any]:
     import torch
 
     model = engine.runner.model
+    graphs = engine.runner.graphs
     ids, fctx, _ = _decode_inputs(engine, rids)
     out: dict[str, Any] = {"forward_eager_ms": None, "forward_graph_ms": None,
                            "graph_error": None}
     with torch.inference_mode():
-        def fwd() -> Any:
-            return model.compute_logits(model(ids, fctx))
-
-        out["forward_eager_ms"] = median_ms(fwd, 5 if not cuda else 20, 2, cuda)
-        if not cuda:
-            out["graph_error"] = "no CUDA graphs on CPU"
+        out["forward_eager_ms"] = median_ms(lambda: model(ids, fctx), 5 if not cuda else 20,
+                                            2, cuda)
+        if graphs is None:
+            out["graph_error"] = ("no CUDA graphs on CPU" if not cuda
+                                  else "the engine captured no graphs")
             return out
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up off the capture: allocations, autotuning
-                    fwd()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fwd()
-            out["forward_graph_ms"] = median_ms(graph.replay, 20, 3, cuda)
-        except Exception as e:  # a capture failure is a finding, not the end of the step
+            # The step's rows through the engine's own graph: the same inputs, staged.
+            bs = engine.layout.block_size
+            pos = fctx.positions.tolist()
+            tables = [list(engine.kv.block_table(r)) for r in rids]
+            slots = [t[p // bs] * bs + p % bs for p, t in zip(pos, tables, strict=True)]
+            toks = ids.tolist()
+            out["forward_graph_ms"] = median_ms(
+                lambda: graphs.run(toks, pos, slots, tables), 20, 3, cuda)
+        except Exception as e:  # a replay failure is a finding, not the end of the step
             out["graph_error"] = f"{type(e).__name__}: {e}"[:400]
     return out
 
@@ -138,7 +141,7 @@ def _batch(ctx: StepContext, engine: Any, b: int, prompt: int, steps: int, copy_
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     g = torch.Generator().manual_seed(b)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 8, ignore_eos=True)
     rids = [engine.add_request(torch.randint(3, vocab, (prompt,), generator=g).tolist(),
                                params, f"d{b}-{i}") for i in range(b)]
     started: set[str] = set()
@@ -151,13 +154,23 @@ def _batch(ctx: StepContext, engine: Any, b: int, prompt: int, steps: int, copy_
     for _ in range(3):
         engine.step()
     before = _cache_entries()
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        engine.step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+
+    def timed_steps() -> list[float]:
+        times = []
+        for _ in range(steps):
+            sync()
+            t0 = time.perf_counter()
+            engine.step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    times = timed_steps()
+    graphs, engine.runner.graphs = engine.runner.graphs, None  # eager, as --no-cuda-graphs
+    try:
+        eager = timed_steps()
+    finally:
+        engine.runner.graphs = graphs
     after = _cache_entries()
     syncs = _count_syncs(engine.step)
     fw = _forward_times(engine, rids, cuda)
@@ -171,7 +184,10 @@ def _batch(ctx: StepContext, engine: Any, b: int, prompt: int, steps: int, copy_
     for rid in rids:
         engine.abort(rid)
     return {"batch": b, "context": kv_tokens // b, "step_ms": step_ms,
-            "step_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))], "roofline_ms": roof,
+            "step_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))],
+            "step_ms_eager": statistics.median(eager),
+            "graph_buckets": None if graphs is None else len(graphs.buckets),
+            "roofline_ms": roof,
             "fraction_of_roofline": roof / step_ms, "weights_bytes": weights, "kv_bytes": kv,
             **fw, "host_syncs_per_step": syncs,
             "triton_cache_new_entries": None if before is None or after is None
@@ -186,7 +202,7 @@ def run(ctx: StepContext) -> None:
     batches, prompt, steps = ((1, 2), 32, 3) if ctx.toy else ((1, 8, 64), 512, 20)
     copy = copy_bandwidth((16 << 20) if ctx.toy else (1 << 30), 5 if ctx.toy else 30,
                           ctx.device)
-    per_seq = -(-(prompt + steps + 16) // 16)
+    per_seq = -(-(prompt + 2 * steps + 16) // 16)
     cfg = EngineConfig(model=model, device=ctx.device,
                        cache=CacheConfig(num_blocks=max(batches) * per_seq + 1,
                                          enable_prefix_caching=False),

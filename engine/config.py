@@ -292,6 +292,9 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    # On CUDA, decode steps replay CUDA graphs (engine/decode_graphs.py); False runs every
+    # step eagerly (a debugging aid, and the baseline bench/gpu_decode.py compares with).
+    cuda_graphs: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

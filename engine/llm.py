@@ -21,7 +21,7 @@ class LLM:
     ``block_size``, ``num_kv_blocks`` or ``kv_cache_memory_bytes``,
     ``enable_prefix_caching``, ``kv_cache_dtype`` ("auto", "int8", "fp8": see
     engine/kv_quant.py), ``max_model_len``, ``dtype``, ``device``, ``seed``,
-    ``num_threads``.
+    ``num_threads``, ``cuda_graphs`` (decode steps replay CUDA graphs on GPUs).
     """
 
     def __init__(
@@ -40,6 +40,7 @@ class LLM:
         device: str = "auto",
         seed: int = 0,
         num_threads: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -47,6 +48,7 @@ class LLM:
             device=device,
             seed=seed,
             num_threads=num_threads,
+            cuda_graphs=cuda_graphs,
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching,

@@ -86,7 +86,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         sd = load_state_dict(self.source, mc, self.dtype, self.device, config.seed)
         self.runner = ModelRunner(mc, sd, self.layout, self.max_model_len, self.device,
-                                  config.seed)
+                                  config.seed, max_batch=config.scheduler.max_num_seqs,
+                                  cuda_graphs=config.cuda_graphs)
         del sd
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished, blocks kept until release()

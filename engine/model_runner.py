@@ -3,6 +3,11 @@
 Owns the physical KV cache (one tensor in the layout of engine.kv_layout) and the
 model weights. Knows nothing of queues or statuses: it gets chunks and block tables,
 returns one sampled token per chunk that samples.
+
+On a GPU a step of decode rows only (every chunk one token that samples) replays a
+CUDA graph (engine.decode_graphs); any other step runs eagerly. Before the engine
+takes requests, the Triton kernels an eager step can launch are compiled
+(engine.kernel_warmup) and the graphs captured, so nothing compiles while serving.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from engine.config import ModelConfig
+from engine.decode_graphs import DecodeGraphs
+from engine.kernel_warmup import warm_up_kernels
 from engine.kv_layout import KVLayout
 from engine.model import ForwardContext, LlamaModel
 from engine.sampler import SampledToken, Sampler, SamplingRow
@@ -28,19 +35,45 @@ class ModelRunner:
         max_model_len: int,
         device: torch.device,
         seed: int = 0,
+        *,
+        max_batch: int = 64,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = device
         self.layout = layout
+        self.max_model_len = max_model_len
+        self.max_batch = max_batch
         self.model = LlamaModel.build(model_config, state_dict, max_model_len, device,
                                       layout.dtype)
-        self.kv_cache = layout.allocate(device)  # (num_blocks, L, 2, bs, Hkv, D)
         self.sampler = Sampler(seed)
+        self.use_graphs = cuda_graphs and device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        cache = layout.allocate(device)  # (num_blocks, L, 2, bs, Hkv, D)
+        if device.type == "cuda":
+            warm_up_kernels(self.model, cache, layout.block_size)
+        self.kv_cache = cache
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, cache: torch.Tensor) -> None:
+        """Run on ``cache``; the graphs are captured (again) on it: they hold its address."""
+        self._kv_cache = cache
+        self.graphs = None  # never replay a graph over a cache that may be freed
+        if self.use_graphs:
+            self.graphs = DecodeGraphs(self.model, cache, self.layout.block_size,
+                                       self.max_model_len, self.max_batch,
+                                       capture=self.device.type == "cuda")
 
     @torch.inference_mode()
     def execute(
         self, chunks: Sequence[ScheduledChunk], block_tables: Sequence[list[int]]
     ) -> list[SampledToken]:
         """Run one forward pass; returns tokens for the chunks with ``samples`` set, in order."""
+        if self._graphs_fit(chunks):
+            return self._execute_graph(chunks, block_tables)
         bs = self.layout.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -70,7 +103,28 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
         if not sample_rows:
             return []
-        logits = self.model.compute_logits(hidden[sample_rows])  # (S, vocab)
+        return self._sample(chunks, hidden[sample_rows])
+
+    def _graphs_fit(self, chunks: Sequence[ScheduledChunk]) -> bool:
+        return (self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch
+                and all(c.num_tokens == 1 and c.samples for c in chunks))
+
+    def _execute_graph(
+        self, chunks: Sequence[ScheduledChunk], block_tables: Sequence[list[int]]
+    ) -> list[SampledToken]:
+        assert self.graphs is not None
+        bs = self.layout.block_size
+        positions = [c.start for c in chunks]
+        hidden = self.graphs.run(
+            [c.request.token_ids[c.start] for c in chunks], positions,
+            [t[p // bs] * bs + p % bs for p, t in zip(positions, block_tables, strict=True)],
+            block_tables)
+        return self._sample(chunks, hidden)
+
+    def _sample(self, chunks: Sequence[ScheduledChunk], hidden: torch.Tensor
+                ) -> list[SampledToken]:
+        """Tokens of the sampling chunks from their rows of ``hidden``, in order."""
+        logits = self.model.compute_logits(hidden)  # (S, vocab)
         rows = [
             SamplingRow(c.request.params, c.request.prompt_token_ids,
                         c.request.output_token_ids, c.request.generator)

@@ -98,9 +98,12 @@ class Sampler:
             sampled_rows = [rows[i] for i in sample_idx]
             sub = x if len(sample_idx) == len(rows) else x[sample_idx]
             token_ids[sample_idx], no_mass[sample_idx] = self._sample(sub, sampled_rows)
-        ids: list[int] = token_ids.clamp_(0, vocab - 1).tolist()
+        # One device-to-host read per step (each is a wait for the GPU): tokens and flags
+        # travel together.
+        ids, broken_rows, no_mass_rows = torch.stack(
+            (token_ids.clamp_(0, vocab - 1), broken.long(), no_mass.long())).tolist()
         errors = [NONFINITE_LOGITS if b else NO_MASS if m else None
-                  for b, m in zip(broken.tolist(), no_mass.tolist(), strict=True)]
+                  for b, m in zip(broken_rows, no_mass_rows, strict=True)]
         return _with_logprobs(logits, rows, ids, errors)
 
     def _sample(
@@ -208,9 +211,11 @@ def _top_k_(z: torch.Tensor, top_k: list[int]) -> None:
     idx = [i for i, k in enumerate(top_k) if 0 < k < vocab]
     if not idx:
         return
-    ks = torch.tensor([top_k[i] for i in idx], device=z.device)
+    ks = [top_k[i] for i in idx]
     sub = z[idx]  # (m, V)
-    kth = sub.topk(int(ks.max())).values.gather(1, (ks - 1)[:, None])  # (m, 1)
+    # The largest k from the host list, not the tensor: reading a GPU tensor waits for it.
+    kth = sub.topk(max(ks)).values.gather(
+        1, torch.tensor(ks, device=z.device)[:, None] - 1)  # (m, 1)
     z[idx] = sub.masked_fill(sub < kth, float("-inf"))
 
 

@@ -26,6 +26,12 @@ the cache exists. QUANT is a constexpr, so the unquantized kernels are unchanged
 A mixed batch launches both kernels over all sequences; a program whose sequence belongs
 to the other kernel does no work. No host syncs: grids come from the metadata's host
 ints (max_query_len, max_seq_len, query_lens_host).
+
+Compiled variants: the split count is a compile-time constant, so it is always a power
+of two up to MAX_SPLITS (``split_counts()``: seven variants, all compiled before a
+worker serves, engine/kernel_warmup.py); the block table's row stride, which moves with
+the batch's longest table, is not specialized on. Nothing else a kernel is compiled
+for changes between steps of one model, so nothing compiles while serving.
 """
 
 from __future__ import annotations
@@ -45,10 +51,10 @@ _LOG2E = 1.4426950408889634
 # Fewest KV tokens worth a split of their own: below this the partial write and the
 # reduction cost more than the parallelism buys.
 _MIN_TOKENS_PER_SPLIT = 256
-_MAX_SPLITS = 64
+MAX_SPLITS = 64  # a power of two
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     scale_log2e,
@@ -159,7 +165,7 @@ def _decode_reduce_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(is_decode, D, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt"])
 def _prefill_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     scale_log2e,
@@ -256,11 +262,17 @@ def paged_attention_triton(
 
 
 def choose_num_splits(num_seqs: int, hkv: int, max_seq_len: int, device: torch.device) -> int:
-    """Splits per sequence so that (seq, kv_head, split) programs fill the GPU about twice."""
+    """Splits per sequence so that (seq, kv_head, split) programs fill the GPU about
+    twice: a power of two (one of ``split_counts()``)."""
     sms = _sm_count(device)
     want = -(-2 * sms // max(1, num_seqs * hkv))
     by_len = -(-max_seq_len // _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(want, by_len, _MAX_SPLITS))
+    return min(triton.next_power_of_2(max(1, min(want, by_len))), MAX_SPLITS)
+
+
+def split_counts() -> list[int]:
+    """Every split count the decode kernel is launched with: 1, 2, 4, ... MAX_SPLITS."""
+    return [1 << i for i in range(MAX_SPLITS.bit_length())]
 
 
 class TileConfig(NamedTuple):
@@ -300,10 +312,12 @@ def decode_attention(
     hq = q.shape[1]
     g = hq // hkv
     cfg = config or decode_config(q.dtype, d)
-    # Whole tiles per split, so no tile straddles two splits.
-    per_split = -(-max(1, meta.max_seq_len) // max(1, num_splits))
+    # A power of two (a compile-time constant: see the module's docstring), cut in whole
+    # tiles so no tile straddles two splits; splits past a sequence's end find no tokens
+    # and weigh 0 in the reduction.
+    num_splits = min(triton.next_power_of_2(max(1, num_splits)), MAX_SPLITS)
+    per_split = -(-max(1, meta.max_seq_len) // num_splits)
     per_split = -(-per_split // cfg.block_n) * cfg.block_n
-    num_splits = -(-max(1, meta.max_seq_len) // per_split)
     b = meta.num_seqs
     if num_splits > 1:
         part_o = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)

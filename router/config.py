@@ -160,7 +160,8 @@ class RouterConfig:
             engine.scheduler, policy=self.prefill_policy,
             max_num_batched_tokens=(self.prefill_step_tokens
                                     or engine.scheduler.max_num_batched_tokens))
-        return dataclasses.replace(engine, scheduler=sched)
+        # A prefill worker never runs a decode step: no CUDA graphs to capture.
+        return dataclasses.replace(engine, scheduler=sched, cuda_graphs=False)
 
     def _worker_cache(self, role: str) -> CacheConfig:
         """On CPU, each worker plans its default pool on 1/N of the host's available

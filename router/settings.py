@@ -126,6 +126,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    default=None,
                    help="turn the prefix cache off on every worker (engine.cache."
                         "enable_prefix_caching = false; default: on)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   default=None,
+                   help="run every decode step eagerly on GPUs instead of replaying CUDA "
+                        "graphs (engine.cuda_graphs = false; default: graphs on)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GiB",
                    help="KV pool of each worker, in GiB (engine.cache.memory_bytes; "
                         "default: on CPU a share of the host's available memory, on GPUs "
@@ -162,6 +166,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data.setdefault("engine", {})["model"] = args.model
     if getattr(args, "prefix_cache", None) is False:
         _set_engine(data, "cache", "enable_prefix_caching", False)
+    if getattr(args, "cuda_graphs", None) is False:
+        data.setdefault("engine", {})["cuda_graphs"] = False
     if getattr(args, "kv_cache_dtype", None) is not None:
         _set_engine(data, "cache", "kv_cache_dtype", args.kv_cache_dtype)
     for name in ("max_num_batched_tokens", "max_num_seqs"):
