@@ -397,9 +397,10 @@ def gpu_pool_bytes(total: int, free: int, share: float, utilization: float, weig
     Its part of the GPU is total x utilization x share (prefill and decode at 0.5 each
     get half of 90% each, whoever starts first); from it go the weights twice (the
     loaded state dict and the model's fused copy are both alive when the pool is
-    allocated), the activations and GPU_SLACK_BYTES. Never more than is free now, less
-    the (1 - utilization) headroom the device keeps, less the same needs: memory another
-    process already holds is not there to take.
+    allocated), the activations and GPU_SLACK_BYTES (the decode CUDA graphs' private
+    pool holds one decode batch's activations, well under a prefill step's). Never more
+    than is free now, less the (1 - utilization) headroom the device keeps, less the
+    same needs: memory another process already holds is not there to take.
     """
     need = 2 * weights + activations + GPU_SLACK_BYTES
     by_share = total * utilization * share - need

@@ -166,7 +166,10 @@ class DecodeGraphs:
                 forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of the worker's other threads (a transfer backend
+        # setting up, say) go on during the capture instead of failing it.
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool,
+                                                      capture_error_mode="thread_local"):
             out = forward()
         self._graphs.append(graph)
 
