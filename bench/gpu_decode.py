@@ -115,7 +115,7 @@ def _forward_times(engine: Any, rids: list[str], cuda: bool) -> dict[str, Any]:
                                             2, cuda)
         if graphs is None:
             out["graph_error"] = ("no CUDA graphs on CPU" if not cuda
-                                  else "the engine captured no graphs")
+                                  else engine.runner.graph_error or "no graphs captured")
             return out
         try:
             # The step's rows through the engine's own graph: the same inputs, staged.

@@ -8,10 +8,13 @@ On a GPU a step of decode rows only (every chunk one token that samples) replays
 CUDA graph (engine.decode_graphs); any other step runs eagerly. Before the engine
 takes requests, the Triton kernels an eager step can launch are compiled
 (engine.kernel_warmup) and the graphs captured, so nothing compiles while serving.
+Graphs that fail to capture or to replay are turned off (logged, ``graph_error``) and
+every step runs eagerly: the same tokens, only slower.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +27,8 @@ from engine.model import ForwardContext, LlamaModel
 from engine.sampler import SampledToken, Sampler, SamplingRow
 from engine.scheduler import ScheduledChunk
 from kernels import AttentionMetadata
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -48,6 +53,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+        self.graph_error: str | None = None  # why the graphs were turned off, if they were
         cache = layout.allocate(device)  # (num_blocks, L, 2, bs, Hkv, D)
         if device.type == "cuda":
             warm_up_kernels(self.model, cache, layout.block_size)
@@ -62,18 +68,32 @@ class ModelRunner:
         """Run on ``cache``; the graphs are captured (again) on it: they hold its address."""
         self._kv_cache = cache
         self.graphs = None  # never replay a graph over a cache that may be freed
-        if self.use_graphs:
+        if not self.use_graphs:
+            return
+        try:
             self.graphs = DecodeGraphs(self.model, cache, self.layout.block_size,
                                        self.max_model_len, self.max_batch,
                                        capture=self.device.type == "cuda")
+        except Exception as e:
+            self._drop_graphs("capturing them", e)
+
+    def _drop_graphs(self, doing: str, e: Exception) -> None:
+        """Eager steps make the same tokens, only slower: graphs that cannot be captured
+        or replayed (a library or driver that does not support it) must not keep the
+        worker from serving."""
+        self.graphs = None
+        self.graph_error = f"{doing}: {type(e).__name__}: {e}"
+        log.error("decode CUDA graphs off, every step runs eagerly (%s)", self.graph_error,
+                  exc_info=e)
 
     @torch.inference_mode()
     def execute(
         self, chunks: Sequence[ScheduledChunk], block_tables: Sequence[list[int]]
     ) -> list[SampledToken]:
         """Run one forward pass; returns tokens for the chunks with ``samples`` set, in order."""
-        if self._graphs_fit(chunks):
-            return self._execute_graph(chunks, block_tables)
+        hidden = self._replay(chunks, block_tables) if self._graphs_fit(chunks) else None
+        if hidden is not None:
+            return self._sample(chunks, hidden)
         bs = self.layout.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -107,19 +127,27 @@ class ModelRunner:
 
     def _graphs_fit(self, chunks: Sequence[ScheduledChunk]) -> bool:
         return (self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch
-                and all(c.num_tokens == 1 and c.samples for c in chunks))
+                and all(c.num_tokens == 1 and c.samples and c.start < self.max_model_len
+                        for c in chunks))
 
-    def _execute_graph(
+    def _replay(
         self, chunks: Sequence[ScheduledChunk], block_tables: Sequence[list[int]]
-    ) -> list[SampledToken]:
+    ) -> torch.Tensor | None:
+        """The decode rows' hidden states from their graph; None (and the graphs off)
+        if the replay fails: nothing in it depends on one request (_graphs_fit checked
+        the rows), so a failure is the graphs' own and the step runs eagerly."""
         assert self.graphs is not None
         bs = self.layout.block_size
         positions = [c.start for c in chunks]
-        hidden = self.graphs.run(
-            [c.request.token_ids[c.start] for c in chunks], positions,
-            [t[p // bs] * bs + p % bs for p, t in zip(positions, block_tables, strict=True)],
-            block_tables)
-        return self._sample(chunks, hidden)
+        try:
+            return self.graphs.run(
+                [c.request.token_ids[c.start] for c in chunks], positions,
+                [t[p // bs] * bs + p % bs for p, t in zip(positions, block_tables,
+                                                          strict=True)],
+                block_tables)
+        except Exception as e:
+            self._drop_graphs("replaying them", e)
+            return None
 
     def _sample(self, chunks: Sequence[ScheduledChunk], hidden: torch.Tensor
                 ) -> list[SampledToken]:

@@ -165,3 +165,37 @@ def test_a_new_cache_tensor_gets_graphs_of_its_own() -> None:
     engine.kv_cache = exported
     assert engine.runner.graphs is not first
     assert engine.runner.graphs is not None and engine.runner.graphs.kv_cache is exported
+
+
+def _generate(engine: LLMEngine) -> list[list[int]]:
+    rids = [engine.add_request([9 + i] * (4 + 3 * i),
+                               SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+            for i in range(3)]
+    tokens: dict[str, list[int]] = {r: [] for r in rids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+    return [tokens[r] for r in rids]
+
+
+@pytest.mark.parametrize("when", ["capture", "replay"])
+def test_graphs_that_fail_turn_off_and_steps_run_eagerly(
+        when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture or a replay that raises (a library that cannot be captured, say) must
+    not fail a request or keep the worker from serving: the graphs go, steps run eagerly."""
+    want = _generate(_engine(False))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"simulated {when} failure")
+
+    if when == "capture":
+        monkeypatch.setattr(DecodeGraphs, "__init__", broken)
+        engine = LLMEngine(_engine(False).config, detokenize=False)
+        engine.runner.use_graphs = True
+        engine.runner.kv_cache = engine.runner.kv_cache
+    else:
+        engine = _engine(True)
+        monkeypatch.setattr(DecodeGraphs, "run", broken)
+    assert _generate(engine) == want
+    assert engine.runner.graphs is None
+    assert engine.runner.graph_error is not None and "simulated" in engine.runner.graph_error
