@@ -27,6 +27,13 @@ Failures: a send or receive that fails or times out ends the pair's group on tha
 peer whose process died fails the next transfer at once (its actor call, or gloo's
 "connection closed"), never after a hang. A posted receive whose request was aborted is
 still waited for (drained) so its buffer is never freed under a running receive.
+
+Dead peers: the router sends no more transfers to a dead worker, and its replacement
+has a new id, so neither path above ends a dead peer's group. Each side keeps the other
+side's actor handle with the pair (the sender its Endpoint's, the receiver the one
+CollectiveConnect carries) and sweeps (kvtransfer/peer_sweep.py): after a join, and at
+most every SWEEP_INTERVAL_S while transfers go on, it asks Ray about every peer it holds
+a group with, on its event loop, and ends the groups of those Ray reports dead.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +68,7 @@ from kvtransfer.block_copy import gather_request
 from kvtransfer.collective_group import (
     PairGroup,
     connect,
+    forget_keys,
     listen,
     new_group,
     node_host,
@@ -68,7 +77,9 @@ from kvtransfer.collective_group import (
 from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import PeerComms, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
+from kvtransfer.peer_sweep import PROBE_TIMEOUT_S, SweepSchedule, peer_alive
 
+log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -81,12 +92,28 @@ def _wait_peer(ref: Any, timeout_s: float) -> Any:
     return ray.get(ref, timeout=timeout_s)
 
 
+async def _peer_alive(peer: Any) -> bool:
+    return await peer_alive(peer, PROBE_TIMEOUT_S)
+
+
+def _own_actor() -> Any:
+    """This worker's actor handle, which a receiver probes; None outside an actor."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:  # the driver, not an actor
+        return None
+
+
 @dataclass(frozen=True)
 class CollectiveConnect(PeerMessage):
-    """Join ``peer_id``'s group as rank 1, under ``prefix`` of this worker's store."""
+    """Join ``peer_id``'s group as rank 1, under ``prefix`` of this worker's store;
+    ``actor`` is the sender's (None: unknown), whose death ends the group."""
 
     peer_id: str
     prefix: str
+    actor: Any = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,16 @@ def _close(pair: PairGroup) -> None:
     pair.close()
 
 
+async def _dead(pairs: list[tuple[str, PairGroup]]) -> list[tuple[str, PairGroup]]:
+    """The pairs whose other side Ray reports dead (all probed at once, each bounded)."""
+    known = [(peer_id, pair) for peer_id, pair in pairs if pair.peer is not None]
+    alive = await asyncio.gather(*(_peer_alive(pair.peer) for _, pair in known))
+    dead = [p for p, ok in zip(known, alive, strict=True) if not ok]
+    for peer_id, _ in dead:
+        log.info("collective: Ray reports %s dead; ending its pair group", peer_id)
+    return dead
+
+
 class CollectiveReceiver(KVReceiver):
     """Decode side. Every method runs on the actor's event loop thread (blocking joins
     and waits on threads of their own), so its books need no lock."""
@@ -130,6 +167,7 @@ class CollectiveReceiver(KVReceiver):
         self._spec: KVSpec | None = None
         self._host = ""
         self._store: Any = None
+        self.sweeps = SweepSchedule()
 
     def listen(self, device: torch.device, spec: KVSpec, host: str | None = None
                ) -> tuple[str, int]:
@@ -149,19 +187,28 @@ class CollectiveReceiver(KVReceiver):
         if isinstance(message, CollectiveRecv):  # before any await: call order is post order
             self.post_recv(message.request_id, message.peer_id, message.num_blocks)
         elif isinstance(message, CollectiveConnect):
-            await self.join(message.peer_id, message.prefix)
+            await self.join(message.peer_id, message.prefix, message.actor)
         else:
             await super().on_peer_message(message)
 
-    async def join(self, peer_id: str, prefix: str) -> None:
+    async def join(self, peer_id: str, prefix: str, actor: Any = None) -> None:
         """Join the pair's group as rank 1; an older group with this peer is ended (the
-        sender started over)."""
+        sender started over). ``actor``: the sender's, for the sweeps."""
         device, store, host = self._device, self._store, self._host
         assert device is not None and store is not None, "listen() or endpoint() first"
+
+        def build() -> Any:
+            try:
+                return new_group(store, prefix, 1, device, host, self.timeout_s)
+            finally:
+                forget_keys(store, prefix)
+
         group = await asyncio.to_thread(
-            call_with_timeout, lambda: new_group(store, prefix, 1, device, host, self.timeout_s),
-            self.timeout_s, f"collective join with {peer_id}", _close_group_late)
-        self.pairs.put(peer_id, PairGroup(group, prefix), None)
+            call_with_timeout, build, self.timeout_s, f"collective join with {peer_id}",
+            _close_group_late)
+        self.pairs.put(peer_id, PairGroup(group, prefix, peer=actor), None)
+        self.sweeps.request()  # a new sender is often a dead one's replacement
+        self.sweeps.maybe_start(self.sweep_dead)
 
     def post_recv(self, request_id: str, peer_id: str, num_blocks: int) -> None:
         self.sweep()
@@ -176,6 +223,7 @@ class CollectiveReceiver(KVReceiver):
                           device=self._device)
         work = pair.comm.group.recv([buf], 0, 0)
         self.posted[request_id] = _Posted(request_id, peer_id, buf, work, time.monotonic())
+        self.sweeps.maybe_start(self.sweep_dead)
 
     async def fetch(self, handle: TransferHandle, timeout_s: float) -> torch.Tensor:
         self.timeout_s = timeout_s  # the worker's: joins and drains use it too
@@ -236,6 +284,12 @@ class CollectiveReceiver(KVReceiver):
         posted on it fail or time out on their own and are not forgotten before."""
         self.pairs.abort(peer_id)
 
+    async def sweep_dead(self) -> None:
+        """End the groups of senders Ray reports dead (on the loop, as every book here)."""
+        for peer_id, pair in await _dead(self.pairs.items()):
+            if self.pairs.release(peer_id, pair):
+                pair.close()
+
     def num_posted(self) -> int:
         """Receives posted and not yet fetched or drained: what a leak would grow."""
         return len(self.posted) + len(self._drains)
@@ -259,6 +313,8 @@ class CollectiveSender(KVSender):
         self._joining: dict[str, concurrent.futures.Future[PairGroup]] = {}
         self._generations = itertools.count(1)
         self._on_cpu = True
+        self.actor = _own_actor()  # sent with each join: the receiver's sweeps probe it
+        self.sweeps = SweepSchedule()
 
     @property
     def send_off_engine_thread(self) -> bool:  # type: ignore[override]
@@ -270,6 +326,7 @@ class CollectiveSender(KVSender):
         self.timeout_s = timeout_s
         self._on_cpu = device.type == "cpu"
         await asyncio.to_thread(self.pair, dest, device)
+        self.sweeps.maybe_start(self.sweep_dead)  # due after a join, or after an interval
 
     def pair(self, dest: Endpoint, device: torch.device) -> PairGroup:
         """The group with ``dest``, built on first use (one join per peer at a time)."""
@@ -293,14 +350,15 @@ class CollectiveSender(KVSender):
         def build() -> PairGroup:
             store = connect(addr.host, addr.port, timeout)
             return PairGroup(new_group(store, prefix, 0, device, node_host(), timeout),
-                             prefix, store)
+                             prefix, store, peer=addr.peer)
 
         mine: concurrent.futures.Future[PairGroup] = concurrent.futures.Future()
         threading.Thread(target=_run_into, args=(build, mine), daemon=True,
                          name=f"pdserve-{what}").start()
         try:
             # The decode worker answers once it joined too; a dead one fails at once.
-            _wait_peer(_to_peer(addr.peer, CollectiveConnect(self.worker_id, prefix)), timeout)
+            _wait_peer(_to_peer(addr.peer, CollectiveConnect(self.worker_id, prefix,
+                                                             self.actor)), timeout)
             pair = mine.result(timeout=timeout)
         except BaseException as e:
             mine.add_done_callback(lambda f: f.exception() is None and f.result().close())
@@ -309,11 +367,29 @@ class CollectiveSender(KVSender):
             raise KVTransferError(f"{what} failed: {_why(e)}") from e
         with self._lock:
             self.pairs.put(dest.worker_id, pair, None)
+        self.sweeps.request()  # a new decode worker is often a dead one's replacement
         return pair
 
     def abort_peer(self, worker_id: str) -> None:
         with self._lock:
             self.pairs.abort(worker_id)
+
+    async def sweep_dead(self) -> None:
+        """End the groups of decode workers Ray reports dead. The books' lock is taken on
+        threads (an abort_peer may hold it through NCCL's abort), never on the loop, and
+        a group is ended outside it (a send on the engine thread may want it)."""
+        for worker_id, pair in await _dead(await asyncio.to_thread(self._pairs)):
+            await asyncio.to_thread(self._release, worker_id, pair)
+
+    def _pairs(self) -> list[tuple[str, PairGroup]]:
+        with self._lock:
+            return self.pairs.items()
+
+    def _release(self, worker_id: str, pair: PairGroup) -> None:
+        with self._lock:
+            mine = self.pairs.release(worker_id, pair)
+        if mine:
+            pair.close()
 
     def send(
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,

@@ -9,7 +9,9 @@ name (``backend_for``).
 Rendezvous: the decode worker (the listening side) runs one TCPStore server for its
 lifetime, on the node address Ray reports for it (127.0.0.1 without Ray); its address
 travels in its Endpoint. A pair's group meets under a key prefix of its own
-(``<prefill id>/<generation>``), so a rebuilt group never reads an older one's keys.
+(``<prefill id>/<generation>``), so a rebuilt group never reads an older one's keys;
+the decode worker deletes them once its join is over (``forget_keys``), so a long-lived
+store does not keep one set per group it ever hosted.
 
 Every wait here has a bound: the store's and the group's timeouts are the transfer
 timeout, and ``wait_work`` waits with it. A gloo operation towards a peer whose process
@@ -92,6 +94,16 @@ def new_group(store: Store, prefix: str, rank: int, device: torch.device, host: 
     return group
 
 
+def forget_keys(store: Store, prefix: str) -> None:
+    """Delete the rendezvous keys under ``prefix``, once rank 1's join is over: joined, it
+    exchanged a message with rank 0, which therefore read them; given up, rank 0's join
+    fails with it. Nothing reads them again."""
+    with contextlib.suppress(Exception):  # a store without list_keys keeps them: harmless
+        for key in store.list_keys():
+            if key.startswith(f"{prefix}/"):
+                store.delete_key(key)
+
+
 def close_group(group: Any) -> None:
     """End a pair's group (NCCL: abort its communicators; gloo: a no-op, its sockets
     close when the group is dropped)."""
@@ -124,6 +136,9 @@ class PairGroup:
     group: Any
     prefix: str
     store: Store | None = None  # a sender's client store, kept alive with the group
+    # The other side's actor (None: unknown): a sweep asks Ray whether it still lives and
+    # ends the group once it died (kvtransfer/peer_sweep.py).
+    peer: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def close(self) -> None:

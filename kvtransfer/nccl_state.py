@@ -8,7 +8,9 @@
   still pending after ``timeout_s`` names its peer as stuck, because a receive that will
   never be matched blocks every later one on that peer's stream.
 - ``PeerComms``: one communicator (and one stream) per peer; ``abort`` ends a
-  communicator for good and forgets the peer, so the next transfer starts a new one.
+  communicator for good and forgets the peer, so the next transfer starts a new one;
+  ``release`` forgets one only if the peer still has it (a sweep that found the peer
+  dead never takes a newer one) and leaves ending it to the caller, outside its lock.
 - ``call_with_timeout``: a blocking call (NCCL's communicator set-up, which cupy only
   offers blocking) on a thread of its own, given up on after a timeout.
 """
@@ -116,10 +118,12 @@ class PeerComms(Generic[T]):
     """peer id -> its communicator and stream. ``abort_fn`` ends a communicator (cupy's
     ``NcclCommunicator.abort``: pending operations stop, its resources go)."""
 
+    KEEP_ABORTED = 64  # the last aborts are enough to read; a long-lived worker keeps no more
+
     def __init__(self, abort_fn: Callable[[T], None]) -> None:
         self._abort = abort_fn
         self._peers: dict[str, Peer[T]] = {}
-        self.aborted: list[str] = []  # peer ids, in order (tests and logs)
+        self.aborted: list[str] = []  # peer ids, in order, the last KEEP_ABORTED (tests, logs)
 
     def get(self, peer_id: str) -> Peer[T] | None:
         return self._peers.get(peer_id)
@@ -137,11 +141,31 @@ class PeerComms(Generic[T]):
         try:
             self._abort(peer.comm)
         finally:
-            self.aborted.append(peer_id)
+            self._note(peer_id)
         return True
+
+    def release(self, peer_id: str, comm: T) -> bool:
+        """Forget ``comm`` if it is still ``peer_id``'s communicator; True if it was, and
+        the caller ends it."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.comm is not comm:
+            return False
+        del self._peers[peer_id]
+        self._note(peer_id)
+        return True
+
+    def _note(self, peer_id: str) -> None:
+        self.aborted.append(peer_id)
+        del self.aborted[:-self.KEEP_ABORTED]
+
+    def items(self) -> list[tuple[str, T]]:
+        return [(peer_id, peer.comm) for peer_id, peer in self._peers.items()]
 
     def __contains__(self, peer_id: str) -> bool:
         return peer_id in self._peers
+
+    def __len__(self) -> int:
+        return len(self._peers)
 
 
 def call_with_timeout(fn: Callable[[], T], timeout_s: float, what: str,

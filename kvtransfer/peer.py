@@ -3,7 +3,8 @@
 The receiver's worker is a Ray actor that implements ``KVPeer``: it hands every
 ``PeerMessage`` to its KVReceiver's ``on_peer_message``. The sender reaches it through
 the actor handle the receiver put in its Endpoint's address, and only through
-``to_peer`` -- no backend calls a worker's methods by name.
+``to_peer`` -- no backend calls a worker's methods by name. (Whether a peer's actor still
+lives is asked with Ray's own ``__ray_ready__``, kvtransfer/peer_sweep.py.)
 """
 
 from __future__ import annotations
