@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from engine.sampling_params import SamplingParams
 from proto.pdserve.v1 import generation_pb2 as pb
 from proto.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.e2e.cluster_processes import ray_processes_under
+from tests.e2e.grpc_dashboard import dashboard_exprs
 from tests.e2e.grpc_fixtures import free_port
 from tests.e2e.prometheus_server import PrometheusServer, install_prometheus
 
@@ -205,6 +207,12 @@ def test_ray_node_metrics_and_pdserve_in_one_prometheus(dep: Deployment) -> None
         up = prom.vector('up{job="ray"}')
         assert sum(1 for s in up if s["value"][1] == "1") >= 2, up
         assert prom.vector('pdserve_worker_up{job="pdserve"}'), "pdserve's own series missing"
+        # Every Ray series the dashboard's "Ray nodes" row reads (the GPU ones aside: no GPU
+        # here) arrives under the name it uses.
+        names = {n for e in dashboard_exprs() for n in re.findall(r"\bray_[a-z0-9_]+", e)}
+        assert "ray_node_mem_used" in names
+        for name in sorted(names - {"ray_node_gpus_utilization", "ray_node_gram_used"}):
+            prom.wait_for(f'{name}{{job="ray"}}', lambda r: len(r) > 0, timeout=60)
 
 
 def test_stop_leaves_nothing_running(dep: Deployment) -> None:
