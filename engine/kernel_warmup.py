@@ -3,9 +3,10 @@
 Triton compiles a kernel once per combination of its compile-time constants (and of
 the integer arguments it specializes on). The model fixes nearly all of them (head_dim,
 heads, block size, dtypes); what moves with the batch is the decode attention's split
-count, which is always a power of two up to kernels.triton_attention.MAX_SPLITS. So an
-eager prefill, an eager decode and a mixed step, plus the decode kernel at each split
-count, compile everything; a worker does this before it reports ready, and the first
+count, which is always a power of two up to kernels.triton_attention.MAX_SPLITS and,
+for sequences of up to max_model_len tokens, up to the count that length picks. So an
+eager prefill, an eager decode and a mixed step, plus the decode kernel at each of
+those split counts, compile everything; a worker does this before it reports ready, and the first
 requests never wait on the compiler (bench/gpu_decode.py counts what compiles later).
 The steps store nothing (slot -1) and attend to the null block only.
 """
@@ -20,7 +21,8 @@ from kernels import AttentionMetadata
 
 
 @torch.inference_mode()
-def warm_up_kernels(model: LlamaModel, kv_cache: torch.Tensor, block_size: int) -> None:
+def warm_up_kernels(model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
+                    max_model_len: int) -> None:
     from kernels.triton_attention import decode_attention, split_counts
 
     dev = kv_cache.device
@@ -37,7 +39,7 @@ def warm_up_kernels(model: LlamaModel, kv_cache: torch.Tensor, block_size: int) 
     q = torch.zeros((1, cfg.num_attention_heads, cfg.head_dim), dtype=dtype, device=dev)
     out = torch.empty_like(q)
     meta = AttentionMetadata.build([1], [1], [[0]], block_size, dev)
-    for splits in split_counts():
+    for splits in split_counts(max_model_len):
         decode_attention(q, layer_view(kv_cache, 0), meta, cfg.head_dim**-0.5, out, splits)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -56,7 +56,7 @@ class ModelRunner:
         self.graph_error: str | None = None  # why the graphs were turned off, if they were
         cache = layout.allocate(device)  # (num_blocks, L, 2, bs, Hkv, D)
         if device.type == "cuda":
-            warm_up_kernels(self.model, cache, layout.block_size)
+            warm_up_kernels(self.model, cache, layout.block_size, max_model_len)
         self.kv_cache = cache
 
     @property

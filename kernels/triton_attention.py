@@ -28,9 +28,10 @@ to the other kernel does no work. No host syncs: grids come from the metadata's 
 ints (max_query_len, max_seq_len, query_lens_host).
 
 Compiled variants: the split count is a compile-time constant, so it is always a power
-of two up to MAX_SPLITS (``split_counts()``: seven variants, all compiled before a
-worker serves, engine/kernel_warmup.py); the block table's row stride, which moves with
-the batch's longest table, is not specialized on. Nothing else a kernel is compiled
+of two up to MAX_SPLITS (``split_counts``: at most seven variants; those a model's
+longest sequence can reach are compiled before a worker serves, by
+engine/kernel_warmup.py); the block table's row stride, which moves with the batch's
+longest table, is not specialized on. Nothing else a kernel is compiled
 for changes between steps of one model, so nothing compiles while serving.
 """
 
@@ -263,16 +264,19 @@ def paged_attention_triton(
 
 def choose_num_splits(num_seqs: int, hkv: int, max_seq_len: int, device: torch.device) -> int:
     """Splits per sequence so that (seq, kv_head, split) programs fill the GPU about
-    twice: a power of two (one of ``split_counts()``)."""
+    twice: a power of two (one of ``split_counts(max_seq_len)``)."""
     sms = _sm_count(device)
     want = -(-2 * sms // max(1, num_seqs * hkv))
     by_len = -(-max_seq_len // _MIN_TOKENS_PER_SPLIT)
     return min(triton.next_power_of_2(max(1, min(want, by_len))), MAX_SPLITS)
 
 
-def split_counts() -> list[int]:
-    """Every split count the decode kernel is launched with: 1, 2, 4, ... MAX_SPLITS."""
-    return [1 << i for i in range(MAX_SPLITS.bit_length())]
+def split_counts(max_seq_len: int) -> list[int]:
+    """Every split count ``choose_num_splits`` can pick for sequences of up to
+    ``max_seq_len`` tokens: 1, 2, 4, ... (at most MAX_SPLITS)."""
+    top = min(triton.next_power_of_2(max(1, -(-max_seq_len // _MIN_TOKENS_PER_SPLIT))),
+              MAX_SPLITS)
+    return [1 << i for i in range(top.bit_length())]
 
 
 class TileConfig(NamedTuple):

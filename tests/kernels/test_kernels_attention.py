@@ -18,6 +18,7 @@ from kernels.triton_attention import (
     decode_attention,
     paged_attention_triton,
     prefill_attention,
+    split_counts,
 )
 
 GROUPS = [1, 3, 4, 8]  # Hq / Hkv
@@ -247,3 +248,17 @@ def test_rejects_bad_inputs() -> None:
     wrong = AttentionMetadata.build([1, 4], [20, 9], [[1, 2], [3]], 16, DEVICE)
     wrong.seq_lens = wrong.seq_lens.long()
     _bad(case, meta=wrong)
+
+
+def test_split_counts_cover_every_choice() -> None:
+    """What the warm-up compiles (split_counts) holds every count choose_num_splits can
+    pick for sequences up to that length, at any batch: nothing compiles while serving."""
+    cpu = torch.device("cpu")
+    for max_len in (1, 100, 256, 257, 1000, 4096, 8192, 10**6):
+        counts = split_counts(max_len)
+        assert counts == [1 << i for i in range(len(counts))] and counts[-1] <= 64
+        for seqs in (1, 2, 3, 7, 64):
+            for length in {1, max_len // 3 + 1, max_len}:
+                assert choose_num_splits(seqs, 2, length, cpu) in counts
+    assert split_counts(100) == [1]
+    assert split_counts(8192) == [1, 2, 4, 8, 16, 32]
