@@ -33,6 +33,16 @@ with them (kvtransfer/nccl_state.py keeps the books). NCCL cannot put two ranks 
 GPU, so this backend needs two GPUs; one GPU uses cuda-ipc. Not verified on hardware in
 this repository yet (see docs/kernels.md).
 
+Dead peers: the router sends no more transfers to a dead worker, and its replacement
+has a new id, so no failure ever ends a dead peer's communicator, stream or receive
+buffers. As in kvtransfer/collective.py, each side keeps the other side's actor handle
+with them (the sender its Endpoint's, the receiver the one NcclConnect carries) and
+sweeps (kvtransfer/peer_sweep.py): after a join, and at most every SWEEP_INTERVAL_S
+while transfers go on, it asks Ray on its event loop about every peer it holds a
+communicator with, and ends those of the peers Ray reports dead the way a failure does
+(abort, then drop the buffers). A sender's sweep skips a communicator a send is using;
+that send fails or times out on its own, and aborts it.
+
 kvtransfer/collective.py runs this same protocol (and nccl_state's books) over
 torch.distributed process groups -- NCCL for CUDA caches, gloo for CPU ones, so CI runs
 it -- and is what ``--kv-transfer auto`` picks with whole GPUs; this cupy
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -69,7 +80,9 @@ from kvtransfer.base import (
 from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import Peer, PeerComms, PendingReceives, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
+from kvtransfer.peer_sweep import PROBE_TIMEOUT_S, SweepSchedule, own_actor, peer_alive
 
+log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 _POLL_S = 0.0002
 
@@ -131,12 +144,28 @@ def _wait_peer(ref: Any, timeout_s: float) -> Any:
     return ray.get(ref, timeout=timeout_s)
 
 
+async def _peer_alive(peer: Any) -> bool:
+    return await peer_alive(peer, PROBE_TIMEOUT_S)
+
+
+async def _dead(peers: list[tuple[str, Peer[Any]]]) -> list[tuple[str, Peer[Any]]]:
+    """The peers Ray reports dead (all probed at once, each bounded; no actor: kept)."""
+    known = [(peer_id, peer) for peer_id, peer in peers if peer.actor is not None]
+    alive = await asyncio.gather(*(_peer_alive(peer.actor) for _, peer in known))
+    dead = [p for p, ok in zip(known, alive, strict=True) if not ok]
+    for peer_id, _ in dead:
+        log.info("nccl: Ray reports %s dead; aborting its communicator", peer_id)
+    return dead
+
+
 @dataclass(frozen=True)
 class NcclConnect(PeerMessage):
-    """Join ``peer_id``'s communicator as rank 1."""
+    """Join ``peer_id``'s communicator as rank 1; ``actor`` is the sender's (None:
+    unknown), whose death ends the communicator."""
 
     peer_id: str
     unique_id: tuple[int, ...]
+    actor: Any = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,7 @@ class NcclReceiver(KVReceiver):
         self.pending = PendingReceives(timeout_s)
         self._device: torch.device | None = None
         self._spec: KVSpec | None = None
+        self.sweeps = SweepSchedule()
 
     def bind(self, device: torch.device, spec: KVSpec) -> None:
         """The cache receives go to (cuda-ipc's fallback binds without an endpoint)."""
@@ -174,13 +204,15 @@ class NcclReceiver(KVReceiver):
         if isinstance(message, NcclRecv):  # posted before any await: call order is post order
             self.post_recv(message.request_id, message.peer_id, message.num_blocks)
         elif isinstance(message, NcclConnect):
-            await self.connect(message.peer_id, message.unique_id)
+            await self.connect(message.peer_id, message.unique_id, message.actor)
         else:
             await super().on_peer_message(message)
 
-    async def connect(self, peer_id: str, unique_id: tuple[int, ...]) -> None:
+    async def connect(self, peer_id: str, unique_id: tuple[int, ...], actor: Any = None
+                      ) -> None:
         """Join the pair's communicator as rank 1 (an older one with this peer is
-        aborted: the sender decided to start over)."""
+        aborted: the sender decided to start over). ``actor``: the sender's, for the
+        sweeps."""
         device = self._device
         assert device is not None, "bind() or endpoint() first"
         comm = await asyncio.to_thread(call_with_timeout,
@@ -188,7 +220,9 @@ class NcclReceiver(KVReceiver):
                                        self.pending.timeout_s, f"NCCL join with {peer_id}",
                                        _abort_comm)
         self.abort_peer(peer_id)
-        self.peers.put(peer_id, comm, _new_stream(device))
+        self.peers.put(peer_id, comm, _new_stream(device), actor)
+        self.sweeps.request()  # a new sender is often a dead one's replacement
+        self.sweeps.maybe_start(self.sweep_dead)
 
     def post_recv(self, request_id: str, peer_id: str, num_blocks: int) -> None:
         """Post the receive now (stream-ordered); fetch() waits for it."""
@@ -203,6 +237,7 @@ class NcclReceiver(KVReceiver):
         peer.comm.recv(buf.data_ptr(), buf.numel() * buf.element_size(),
                        getattr(_nccl(), "NCCL_UINT8", 1), 0, peer.stream.cuda_stream)
         self.pending.add(request_id, peer_id, buf, _record(peer.stream))
+        self.sweeps.maybe_start(self.sweep_dead)
 
     async def fetch(self, handle: TransferHandle, timeout_s: float) -> torch.Tensor:
         self.pending.timeout_s = timeout_s
@@ -232,7 +267,14 @@ class NcclReceiver(KVReceiver):
 
     def abort_peer(self, peer_id: str) -> None:
         self.peers.abort(peer_id)
-        self.pending.drop_peer(peer_id)
+        self.pending.drop_peer(peer_id)  # after the abort: NCCL writes them no more
+
+    async def sweep_dead(self) -> None:
+        """End the communicators of senders Ray reports dead as a failure does (on the
+        loop, as every book here; one a join replaced meanwhile is not touched)."""
+        for peer_id, peer in await _dead(self.peers.entries()):
+            if self.peers.get(peer_id) is peer:
+                self.abort_peer(peer_id)
 
 
 class NcclSender(KVSender):
@@ -247,10 +289,13 @@ class NcclSender(KVSender):
         self.peers: PeerComms[Any] = PeerComms(_abort_comm)
         self._lock = threading.Lock()
         self._joining: dict[str, concurrent.futures.Future[Peer[Any]]] = {}
+        self.actor = own_actor()  # sent with each join: the receiver's sweeps probe it
+        self.sweeps = SweepSchedule()
 
     async def prepare(self, dest: Endpoint, device: torch.device, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         await asyncio.to_thread(self.peer, dest, device)
+        self.sweeps.maybe_start(self.sweep_dead)  # due after a join, or after an interval
 
     def peer(self, dest: Endpoint, device: torch.device) -> Peer[Any]:
         """The communicator with ``dest``, set up on first use (one join at a time)."""
@@ -260,7 +305,7 @@ class NcclSender(KVSender):
 
     def _join(self, dest: Endpoint, device: torch.device) -> Peer[Any]:
         uid = _nccl().get_unique_id()
-        joined = _to_peer(dest.address.peer, NcclConnect(self.worker_id, uid))
+        joined = _to_peer(dest.address.peer, NcclConnect(self.worker_id, uid, self.actor))
         what = f"NCCL set-up with {dest.worker_id}"
         comm = call_with_timeout(lambda: _new_comm(uid, 0, device), self.timeout_s, what,
                                  _abort_comm)
@@ -270,12 +315,39 @@ class NcclSender(KVSender):
             _abort_comm(comm)
             raise KVTransferError(f"{what}: the decode worker did not join: {e!r}") from e
         with self._lock:
-            self.peers.put(dest.worker_id, comm, _new_stream(device))
-            return self.peers.get(dest.worker_id)  # type: ignore[return-value]
+            self.peers.put(dest.worker_id, comm, _new_stream(device), dest.address.peer)
+            peer = self.peers.get(dest.worker_id)
+        self.sweeps.request()  # a new decode worker is often a dead one's replacement
+        return peer  # type: ignore[return-value]
 
     def abort_peer(self, worker_id: str) -> None:
         with self._lock:
             self.peers.abort(worker_id)
+
+    async def sweep_dead(self) -> None:
+        """End the communicators of decode workers Ray reports dead. The books' lock is
+        taken on threads (an abort_peer may hold it through NCCL's abort), never on the
+        loop."""
+        for worker_id, peer in await _dead(await asyncio.to_thread(self._entries)):
+            await asyncio.to_thread(self._release, worker_id, peer)
+
+    def _entries(self) -> list[tuple[str, Peer[Any]]]:
+        with self._lock:
+            return self.peers.entries()
+
+    def _release(self, worker_id: str, peer: Peer[Any]) -> None:
+        """Abort ``peer``'s communicator unless a send is using it (that send fails or
+        times out on its own, and a later sweep finds it gone) or a join replaced it;
+        outside the books' lock, which a send on the engine thread may want."""
+        if not peer.in_use.acquire(blocking=False):
+            return
+        try:
+            with self._lock:
+                mine = self.peers.release(worker_id, peer.comm)
+            if mine:
+                _abort_comm(peer.comm)
+        finally:
+            peer.in_use.release()
 
     def send(
         self, cache: torch.Tensor, src_block_ids: list[int], dest: Endpoint,
@@ -287,6 +359,7 @@ class NcclSender(KVSender):
         peer = self.peer(dest, cache.device)
         ids = torch.tensor(src_block_ids, dtype=torch.long, device=cache.device)
         staging = gather_blocks(cache, ids)
+        self._use(peer, dest.worker_id, request_id)
         try:
             # The receive must be posted before our send can complete; the call returns
             # once it is posted (the decode worker does it before its first await).
@@ -305,7 +378,22 @@ class NcclSender(KVSender):
                 raise
             raise KVTransferError(f"request {request_id}: NCCL send to {dest.worker_id} "
                                   f"failed: {e!r}") from e
+        finally:
+            peer.in_use.release()
         return sent_handle(request_id, self.backend, dest, staging, t0)
+
+    def _use(self, peer: Peer[Any], worker_id: str, request_id: str) -> None:
+        """Take ``peer`` for a send: a sweep may be aborting it (bounded: it waits for
+        at most that abort), and it must still be the peer's communicator then."""
+        if not peer.in_use.acquire(timeout=self.timeout_s):
+            raise KVTransferTimeout(f"request {request_id}: the NCCL communicator with "
+                                    f"{worker_id} stayed busy for {self.timeout_s}s")
+        with self._lock:
+            current = self.peers.get(worker_id) is peer
+        if not current:
+            peer.in_use.release()
+            raise KVTransferError(f"request {request_id}: the NCCL communicator with "
+                                  f"{worker_id} was ended (its worker died, or a failure)")
 
     def _wait(self, done: Any, request_id: str) -> None:
         deadline = time.monotonic() + self.timeout_s

@@ -7,10 +7,11 @@
   Aborted requests (``cancel``) and unfetched completed receives are dropped; a receive
   still pending after ``timeout_s`` names its peer as stuck, because a receive that will
   never be matched blocks every later one on that peer's stream.
-- ``PeerComms``: one communicator (and one stream) per peer; ``abort`` ends a
-  communicator for good and forgets the peer, so the next transfer starts a new one;
-  ``release`` forgets one only if the peer still has it (a sweep that found the peer
-  dead never takes a newer one) and leaves ending it to the caller, outside its lock.
+- ``PeerComms``: one communicator (and one stream) per peer, with the peer's actor
+  handle a sweep probes (kvtransfer/peer_sweep.py); ``abort`` ends a communicator for
+  good and forgets the peer, so the next transfer starts a new one; ``release`` forgets
+  one only if the peer still has it (a sweep that found the peer dead never takes a
+  newer one) and leaves ending it to the caller, outside its lock.
 - ``call_with_timeout``: a blocking call (NCCL's communicator set-up, which cupy only
   offers blocking) on a thread of its own, given up on after a timeout.
 """
@@ -21,7 +22,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from messages.transfer import KVTransferError, KVTransferTimeout
@@ -112,6 +113,12 @@ class PendingReceives:
 class Peer(Generic[T]):
     comm: T
     stream: Any  # this pair's CUDA stream: a stuck operation blocks only this pair
+    # The other side's actor (None: unknown): a sweep ends the communicator once Ray
+    # reports it dead (kvtransfer/peer_sweep.py).
+    actor: Any = None
+    # Held by a sender while it issues and waits for operations on ``comm``: a sweep
+    # ends only a communicator it can take, never one an NCCL call is being made on.
+    in_use: threading.Lock = field(default_factory=threading.Lock)
 
 
 class PeerComms(Generic[T]):
@@ -128,11 +135,12 @@ class PeerComms(Generic[T]):
     def get(self, peer_id: str) -> Peer[T] | None:
         return self._peers.get(peer_id)
 
-    def put(self, peer_id: str, comm: T, stream: Any) -> None:
-        """A new communicator for ``peer_id``; an old one is aborted first."""
+    def put(self, peer_id: str, comm: T, stream: Any, actor: Any = None) -> None:
+        """A new communicator for ``peer_id`` (``actor``: its, for the sweeps); an old
+        one is aborted first."""
         if peer_id in self._peers:
             self.abort(peer_id)
-        self._peers[peer_id] = Peer(comm, stream)
+        self._peers[peer_id] = Peer(comm, stream, actor)
 
     def abort(self, peer_id: str) -> bool:
         peer = self._peers.pop(peer_id, None)
@@ -160,6 +168,9 @@ class PeerComms(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return [(peer_id, peer.comm) for peer_id, peer in self._peers.items()]
+
+    def entries(self) -> list[tuple[str, Peer[T]]]:
+        return list(self._peers.items())
 
     def __contains__(self, peer_id: str) -> bool:
         return peer_id in self._peers

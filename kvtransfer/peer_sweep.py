@@ -1,4 +1,5 @@
-"""Ending the pair groups of workers that died (kvtransfer/collective.py's sweeps).
+"""Ending the pair groups of workers that died (the sweeps of kvtransfer/collective.py
+and of kvtransfer/nccl.py, whose communicators leak alike).
 
 Nothing else would end them: worker ids are never reused (a replacement is a new peer,
 so its join does not replace its predecessor's group), and the router sends no request
@@ -45,6 +46,17 @@ async def peer_alive(peer: Any, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     except Exception as e:  # no answer in time, restarting, not an actor: keep
         log.debug("liveness of %r unknown: %s", peer, e)
     return True
+
+
+def own_actor() -> Any:
+    """This worker's actor handle, sent with a join so the other side's sweeps can probe
+    it; None outside an actor (the driver, tests without Ray)."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:  # the driver, not an actor
+        return None
 
 
 class SweepSchedule:
