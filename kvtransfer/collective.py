@@ -77,7 +77,7 @@ from kvtransfer.collective_group import (
 from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import PeerComms, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
-from kvtransfer.peer_sweep import PROBE_TIMEOUT_S, SweepSchedule, peer_alive
+from kvtransfer.peer_sweep import PROBE_TIMEOUT_S, SweepSchedule, own_actor, peer_alive
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
@@ -94,16 +94,6 @@ def _wait_peer(ref: Any, timeout_s: float) -> Any:
 
 async def _peer_alive(peer: Any) -> bool:
     return await peer_alive(peer, PROBE_TIMEOUT_S)
-
-
-def _own_actor() -> Any:
-    """This worker's actor handle, which a receiver probes; None outside an actor."""
-    if not ray.is_initialized():
-        return None
-    try:
-        return ray.get_runtime_context().current_actor
-    except RuntimeError:  # the driver, not an actor
-        return None
 
 
 @dataclass(frozen=True)
@@ -313,7 +303,7 @@ class CollectiveSender(KVSender):
         self._joining: dict[str, concurrent.futures.Future[PairGroup]] = {}
         self._generations = itertools.count(1)
         self._on_cpu = True
-        self.actor = _own_actor()  # sent with each join: the receiver's sweeps probe it
+        self.actor = own_actor()  # sent with each join: the receiver's sweeps probe it
         self.sweeps = SweepSchedule()
 
     @property
