@@ -73,7 +73,7 @@ def decode(worker_id: str) -> tuple[LoopPeer, Endpoint]:
 
 def prefill(worker_id: str) -> CollectiveSender:
     tx = CollectiveSender(worker_id, timeout_s=5.0)
-    tx.actor = f"actor of {worker_id}"  # what _own_actor finds inside a Ray actor
+    tx.actor = f"actor of {worker_id}"  # what own_actor finds inside a Ray actor
     return tx
 
 
