@@ -73,8 +73,11 @@ def test_pytest_output_is_counted_whole_or_cut_off() -> None:
 def test_a_step_killed_at_its_budget_is_recorded_as_a_timeout(tmp_path: Path) -> None:
     step = PLAN[0]
     out = tmp_path / step.filename
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    rc, overran = spawn_step(step, out, 0.3, env, toy=True)  # killed while importing
+    # The step's interpreter hangs at start-up (a sitecustomize that sleeps), so it is
+    # killed at its budget however fast the machine is.
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(600)\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    rc, overran = spawn_step(step, out, 0.3, env, toy=True)
     doc = _collect(step, out, 0.3, rc, overran)
     assert overran and rc is None
     assert doc["status"] == "timeout" and doc["error"]
