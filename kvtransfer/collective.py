@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -77,9 +76,14 @@ from kvtransfer.collective_group import (
 from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import PeerComms, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
-from kvtransfer.peer_sweep import PROBE_TIMEOUT_S, SweepSchedule, own_actor, peer_alive
+from kvtransfer.peer_sweep import (
+    PROBE_TIMEOUT_S,
+    SweepSchedule,
+    dead_peers,
+    own_actor,
+    peer_alive,
+)
 
-log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -129,13 +133,8 @@ def _close(pair: PairGroup) -> None:
 
 
 async def _dead(pairs: list[tuple[str, PairGroup]]) -> list[tuple[str, PairGroup]]:
-    """The pairs whose other side Ray reports dead (all probed at once, each bounded)."""
-    known = [(peer_id, pair) for peer_id, pair in pairs if pair.peer is not None]
-    alive = await asyncio.gather(*(_peer_alive(pair.peer) for _, pair in known))
-    dead = [p for p, ok in zip(known, alive, strict=True) if not ok]
-    for peer_id, _ in dead:
-        log.info("collective: Ray reports %s dead; ending its pair group", peer_id)
-    return dead
+    """The pairs whose other side Ray reports dead."""
+    return await dead_peers(pairs, lambda pair: pair.peer, _peer_alive)
 
 
 class CollectiveReceiver(KVReceiver):

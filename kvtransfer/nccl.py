@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -80,9 +79,14 @@ from kvtransfer.base import (
 from kvtransfer.join_once import join_once
 from kvtransfer.nccl_state import Peer, PeerComms, PendingReceives, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
-from kvtransfer.peer_sweep import PROBE_TIMEOUT_S, SweepSchedule, own_actor, peer_alive
+from kvtransfer.peer_sweep import (
+    PROBE_TIMEOUT_S,
+    SweepSchedule,
+    dead_peers,
+    own_actor,
+    peer_alive,
+)
 
-log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 _POLL_S = 0.0002
 
@@ -149,13 +153,8 @@ async def _peer_alive(peer: Any) -> bool:
 
 
 async def _dead(peers: list[tuple[str, Peer[Any]]]) -> list[tuple[str, Peer[Any]]]:
-    """The peers Ray reports dead (all probed at once, each bounded; no actor: kept)."""
-    known = [(peer_id, peer) for peer_id, peer in peers if peer.actor is not None]
-    alive = await asyncio.gather(*(_peer_alive(peer.actor) for _, peer in known))
-    dead = [p for p, ok in zip(known, alive, strict=True) if not ok]
-    for peer_id, _ in dead:
-        log.info("nccl: Ray reports %s dead; aborting its communicator", peer_id)
-    return dead
+    """The peers Ray reports dead (no actor: kept)."""
+    return await dead_peers(peers, lambda peer: peer.actor, _peer_alive)
 
 
 @dataclass(frozen=True)

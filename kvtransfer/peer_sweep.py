@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import ray
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SWEEP_INTERVAL_S = 60.0
 PROBE_TIMEOUT_S = 10.0
@@ -46,6 +47,19 @@ async def peer_alive(peer: Any, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     except Exception as e:  # no answer in time, restarting, not an actor: keep
         log.debug("liveness of %r unknown: %s", peer, e)
     return True
+
+
+async def dead_peers(peers: list[tuple[str, T]], actor_of: Callable[[T], Any],
+                     alive: Callable[[Any], Awaitable[bool]] = peer_alive
+                     ) -> list[tuple[str, T]]:
+    """The (peer id, state) pairs whose peer's actor Ray reports dead: all probed at once,
+    each bounded; a peer with no known actor is kept."""
+    known = [(peer_id, state) for peer_id, state in peers if actor_of(state) is not None]
+    answers = await asyncio.gather(*(alive(actor_of(state)) for _, state in known))
+    dead = [p for p, ok in zip(known, answers, strict=True) if not ok]
+    for peer_id, _ in dead:
+        log.info("Ray reports %s dead; ending what this worker holds for it", peer_id)
+    return dead
 
 
 def own_actor() -> Any:
