@@ -70,6 +70,10 @@ class HealthReporter:
             await asyncio.sleep(interval_s)
 
 
+# New calls grpc core may hold for the server to take (a memory bound: each is a few KB).
+MAX_PENDING_CALLS = 16384
+
+
 class GrpcServer:
     """The grpc.aio server with every service on it; ``port`` is the bound port."""
 
@@ -77,7 +81,13 @@ class GrpcServer:
         self.config = config
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0)]  # a port already taken must fail, not be shared
+                ("grpc.so_reuseport", 0),  # a port already taken must fail, not be shared
+                # grpc core cancels new calls that wait for grpc.aio to take them once
+                # over 1000 wait (3000 hard): a burst of new calls would end CANCELLED
+                # without reaching the router, whose admission answers the excess
+                # RESOURCE_EXHAUSTED with a retry hint instead.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)]
         interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
         self.server = grpc.aio.server(interceptors=interceptors, options=opts)
         self.servicer = GenerationServicer(router, config, metrics)
