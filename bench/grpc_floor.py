@@ -78,7 +78,12 @@ class TickingServicer(pb_grpc.GenerationServicer):
 
 
 async def serve(port_file: Path, step_s: float, detok_model: str | None) -> None:
-    server = grpc.aio.server()
+    from router.server import MAX_PENDING_CALLS
+
+    # As the router's server: grpc core would cancel calls waiting past 1000.
+    server = grpc.aio.server(options=[
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)])
     servicer = TickingServicer(step_s, detok_model)
     pb_grpc.add_GenerationServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

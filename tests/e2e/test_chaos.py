@@ -203,9 +203,9 @@ def test_burst_ends_ok_or_resource_exhausted_and_kills_nobody(h: RouterHarness) 
     limit, router.admission.limit = router.admission.limit, 48
     n = 2000 if SLOW else 1200
 
-    # A blocking client on 1000 threads: grpc's asyncio *client* itself turns about 1 %
-    # of a thousand concurrent streaming calls into CANCELLED (seen against a trivial
-    # server too), which would hide what this test is about -- the server's answers.
+    # A blocking client on 1000 threads (tests/e2e/test_grpc_burst.py sends its burst of
+    # 3000 from one asyncio client instead: the CANCELLED calls once blamed on that
+    # client were grpc core's server cancelling calls waiting past 1000, now raised).
     from concurrent.futures import ThreadPoolExecutor
 
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
