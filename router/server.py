@@ -83,7 +83,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a port already taken must fail, not be shared
                 # grpc core cancels new calls that wait for grpc.aio to take them once
-                # over 1000 wait (3000 hard): a burst of new calls would end CANCELLED
+                # over 1000 wait by default: a burst of new calls would end CANCELLED
                 # without reaching the router, whose admission answers the excess
                 # RESOURCE_EXHAUSTED with a retry hint instead.
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
