@@ -7,9 +7,10 @@ work. A graph captured once replays them all in one call.
 A graph freezes shapes, addresses and the host values kernels were launched with; this
 is how a decode step lives with that:
 
-- shapes: a batch of n decode rows replays the graph of the smallest bucket >= n. Rows
-  n..bucket-1 are padding: token 0 at position 0, slot -1 (their K/V is never stored)
-  and KV length 0 (attention reads nothing for them); their hidden rows are not read.
+- shapes: a batch of n decode rows replays the graph of the smallest bucket >= n (up to
+  MAX_GRAPH_BATCH rows; a larger batch runs eagerly). Rows n..bucket-1 are padding:
+  token 0 at position 0, slot -1 (their K/V is never stored) and KV length 0
+  (attention reads nothing for them); their hidden rows are not read.
 - addresses: the inputs live in static device buffers the graphs were captured on. A
   step writes its inputs into pinned host staging buffers and copies them over in two
   non-blocking copies (one int64, one int32), then replays.
@@ -34,6 +35,10 @@ import torch
 from engine.model import ForwardContext, LlamaModel
 from kernels import AttentionMetadata
 
+# Larger decode batches run eagerly: their launches are a small part of the step by
+# then, and every bucket is a capture at start-up (one per 8 rows).
+MAX_GRAPH_BATCH = 256
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 8, up to and including ``max_batch``."""
@@ -56,7 +61,7 @@ class DecodeGraphs:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.buckets = batch_buckets(max_batch)
+        self.buckets = batch_buckets(min(max_batch, MAX_GRAPH_BATCH))
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-max_model_len // block_size)
         dev = kv_cache.device

@@ -199,3 +199,15 @@ def test_graphs_that_fail_turn_off_and_steps_run_eagerly(
     assert _generate(engine) == want
     assert engine.runner.graphs is None
     assert engine.runner.graph_error is not None and "simulated" in engine.runner.graph_error
+
+
+def test_buckets_stop_at_the_largest_graph_batch() -> None:
+    """A huge max_num_seqs does not mean hundreds of captures: past MAX_GRAPH_BATCH rows
+    a decode step runs eagerly (ModelRunner._graphs_fit)."""
+    from engine.decode_graphs import MAX_GRAPH_BATCH
+
+    model = _model(64)
+    cache = torch.zeros((4, 2, 2, BS, 2, 16), device=DEVICE)
+    graphs = DecodeGraphs(model, cache, BS, 64, 10 * MAX_GRAPH_BATCH, capture=False)
+    assert graphs.max_batch == MAX_GRAPH_BATCH == graphs.buckets[-1]
+    assert graphs.bucket(MAX_GRAPH_BATCH + 1) is None
