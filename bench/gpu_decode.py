@@ -119,13 +119,11 @@ def _forward_times(engine: Any, rids: list[str], cuda: bool) -> dict[str, Any]:
             return out
         try:
             # The step's rows through the engine's own graph: the same inputs, staged.
-            bs = engine.layout.block_size
             pos = fctx.positions.tolist()
             tables = [list(engine.kv.block_table(r)) for r in rids]
-            slots = [t[p // bs] * bs + p % bs for p, t in zip(pos, tables, strict=True)]
             toks = ids.tolist()
             out["forward_graph_ms"] = median_ms(
-                lambda: graphs.run(toks, pos, slots, tables), 20, 3, cuda)
+                lambda: graphs.run(toks, pos, tables), 20, 3, cuda)
         except Exception as e:  # a replay failure is a finding, not the end of the step
             out["graph_error"] = f"{type(e).__name__}: {e}"[:400]
     return out

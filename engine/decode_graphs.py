@@ -78,7 +78,6 @@ class DecodeGraphs:
         # The staging buffers are rewritten only once the previous step's copy is done.
         self._copied = torch.cuda.Event() if pin else None
         self._runs: dict[int, Callable[[], torch.Tensor]] = {}
-        self._graphs: list[torch.cuda.CUDAGraph] = []
         # One memory pool for every bucket's graph: only one replays at a time.
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         for n in reversed(self.buckets):  # largest first: the rest reuse its memory
@@ -93,16 +92,16 @@ class DecodeGraphs:
         self,
         token_ids: Sequence[int],
         positions: Sequence[int],
-        slots: Sequence[int],
         block_tables: Sequence[Sequence[int]],
     ) -> torch.Tensor:
         """Hidden states (n, hidden) of n decode rows: row i is token_ids[i] at
-        positions[i], stored at slots[i], its sequence's KV in block_tables[i]."""
+        positions[i], its sequence's KV (its own K/V stored there too) in
+        block_tables[i]."""
         n = len(token_ids)
         size = self.bucket(n)
         if size is None or not n:
             raise ValueError(f"a decode batch of {n} rows has no graph (max {self.max_batch})")
-        self._stage(n, token_ids, positions, slots, block_tables)
+        self._stage(n, token_ids, positions, block_tables)
         return self._runs[size]()[:n]
 
     def _stage(
@@ -110,7 +109,6 @@ class DecodeGraphs:
         n: int,
         token_ids: Sequence[int],
         positions: Sequence[int],
-        slots: Sequence[int],
         block_tables: Sequence[Sequence[int]],
     ) -> None:
         b, nb, bs = self.max_batch, self.max_blocks, self.block_size
@@ -120,7 +118,6 @@ class DecodeGraphs:
         h32 = self._host_i32.numpy()
         h64[:n] = token_ids
         h64[b:b + n] = positions
-        h64[2 * b:2 * b + n] = slots
         h64[n:b] = 0
         h64[b + n:2 * b] = 0
         h64[2 * b + n:] = -1  # padding rows store nothing
@@ -131,6 +128,7 @@ class DecodeGraphs:
                 raise ValueError(f"position {pos} is past max_model_len {self.max_model_len}")
             h32[i] = pos + 1
             h32[b + i * nb:b + i * nb + need] = table[:need]
+            h64[2 * b + i] = table[pos // bs] * bs + pos % bs  # its slot
         self._i64.copy_(self._host_i64, non_blocking=True)
         end = b + n * nb
         self._i32[:end].copy_(self._host_i32[:end], non_blocking=True)
@@ -176,7 +174,6 @@ class DecodeGraphs:
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool,
                                                       capture_error_mode="thread_local"):
             out = forward()
-        self._graphs.append(graph)
 
         def replay() -> torch.Tensor:
             graph.replay()

@@ -137,14 +137,9 @@ class ModelRunner:
         if the replay fails: nothing in it depends on one request (_graphs_fit checked
         the rows), so a failure is the graphs' own and the step runs eagerly."""
         assert self.graphs is not None
-        bs = self.layout.block_size
-        positions = [c.start for c in chunks]
         try:
-            return self.graphs.run(
-                [c.request.token_ids[c.start] for c in chunks], positions,
-                [t[p // bs] * bs + p % bs for p, t in zip(positions, block_tables,
-                                                          strict=True)],
-                block_tables)
+            return self.graphs.run([c.request.token_ids[c.start] for c in chunks],
+                                   [c.start for c in chunks], block_tables)
         except Exception as e:
             self._drop_graphs("replaying them", e)
             return None

@@ -87,8 +87,7 @@ def test_padding_stores_nothing_and_stale_rows_never_leak() -> None:
         rows = [(tok, pos, tables[s]) for tok, pos, s in step]
         want_cache = cache.clone()
         want = _eager(model, want_cache, rows)
-        got = graphs.run([r[0] for r in rows], [r[1] for r in rows],
-                         [t[p // BS] * BS + p % BS for _, p, t in rows], [r[2] for r in rows])
+        got = graphs.run([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         written = [t[p // BS] * BS + p % BS for _, p, t in rows]
@@ -107,9 +106,9 @@ def test_past_max_model_len_is_refused() -> None:
     cache = torch.zeros((8, 2, 2, BS, 2, 16), device=DEVICE)
     graphs = DecodeGraphs(model, cache, BS, 64, 2, capture=CAPTURE)
     with pytest.raises(ValueError, match="past max_model_len"):
-        graphs.run([1], [64], [0], [[1, 2, 3, 4, 5]])
+        graphs.run([1], [64], [[1, 2, 3, 4, 5]])
     with pytest.raises(ValueError, match="no graph"):
-        graphs.run([1, 2, 3], [0, 0, 0], [0, 0, 0], [[1], [2], [3]])
+        graphs.run([1, 2, 3], [0, 0, 0], [[1], [2], [3]])
 
 
 def _engine(graphs: bool) -> LLMEngine:
