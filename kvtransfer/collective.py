@@ -74,7 +74,7 @@ from kvtransfer.collective_group import (
     wait_work,
 )
 from kvtransfer.join_once import join_once
-from kvtransfer.nccl_state import PeerComms, call_with_timeout
+from kvtransfer.nccl_state import Peer, PeerComms, call_with_timeout
 from kvtransfer.peer import PeerMessage, to_peer
 from kvtransfer.peer_sweep import (
     PROBE_TIMEOUT_S,
@@ -130,11 +130,6 @@ class _Posted:
 
 def _close(pair: PairGroup) -> None:
     pair.close()
-
-
-async def _dead(pairs: list[tuple[str, PairGroup]]) -> list[tuple[str, PairGroup]]:
-    """The pairs whose other side Ray reports dead."""
-    return await dead_peers(pairs, lambda pair: pair.peer, _peer_alive)
 
 
 class CollectiveReceiver(KVReceiver):
@@ -195,7 +190,7 @@ class CollectiveReceiver(KVReceiver):
         group = await asyncio.to_thread(
             call_with_timeout, build, self.timeout_s, f"collective join with {peer_id}",
             _close_group_late)
-        self.pairs.put(peer_id, PairGroup(group, prefix, peer=actor), None)
+        self.pairs.put(peer_id, PairGroup(group, prefix), None, actor)
         self.sweeps.request()  # a new sender is often a dead one's replacement
         self.sweeps.maybe_start(self.sweep_dead)
 
@@ -275,9 +270,9 @@ class CollectiveReceiver(KVReceiver):
 
     async def sweep_dead(self) -> None:
         """End the groups of senders Ray reports dead (on the loop, as every book here)."""
-        for peer_id, pair in await _dead(self.pairs.items()):
-            if self.pairs.release(peer_id, pair):
-                pair.close()
+        for peer_id, peer in await dead_peers(self.pairs.entries(), _peer_alive):
+            if self.pairs.release(peer_id, peer.comm):
+                peer.comm.close()
 
     def num_posted(self) -> int:
         """Receives posted and not yet fetched or drained: what a leak would grow."""
@@ -339,7 +334,7 @@ class CollectiveSender(KVSender):
         def build() -> PairGroup:
             store = connect(addr.host, addr.port, timeout)
             return PairGroup(new_group(store, prefix, 0, device, node_host(), timeout),
-                             prefix, store, peer=addr.peer)
+                             prefix, store)
 
         mine: concurrent.futures.Future[PairGroup] = concurrent.futures.Future()
         threading.Thread(target=_run_into, args=(build, mine), daemon=True,
@@ -355,7 +350,7 @@ class CollectiveSender(KVSender):
                 raise KVTransferTimeout(f"{what} did not finish within {timeout}s") from e
             raise KVTransferError(f"{what} failed: {_why(e)}") from e
         with self._lock:
-            self.pairs.put(dest.worker_id, pair, None)
+            self.pairs.put(dest.worker_id, pair, None, addr.peer)
         self.sweeps.request()  # a new decode worker is often a dead one's replacement
         return pair
 
@@ -367,12 +362,13 @@ class CollectiveSender(KVSender):
         """End the groups of decode workers Ray reports dead. The books' lock is taken on
         threads (an abort_peer may hold it through NCCL's abort), never on the loop, and
         a group is ended outside it (a send on the engine thread may want it)."""
-        for worker_id, pair in await _dead(await asyncio.to_thread(self._pairs)):
-            await asyncio.to_thread(self._release, worker_id, pair)
+        entries = await asyncio.to_thread(self._entries)
+        for worker_id, peer in await dead_peers(entries, _peer_alive):
+            await asyncio.to_thread(self._release, worker_id, peer.comm)
 
-    def _pairs(self) -> list[tuple[str, PairGroup]]:
+    def _entries(self) -> list[tuple[str, Peer[PairGroup]]]:
         with self._lock:
-            return self.pairs.items()
+            return self.pairs.entries()
 
     def _release(self, worker_id: str, pair: PairGroup) -> None:
         with self._lock:

@@ -136,9 +136,6 @@ class PairGroup:
     group: Any
     prefix: str
     store: Store | None = None  # a sender's client store, kept alive with the group
-    # The other side's actor (None: unknown): a sweep asks Ray whether it still lives and
-    # ends the group once it died (kvtransfer/peer_sweep.py).
-    peer: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def close(self) -> None:

@@ -152,11 +152,6 @@ async def _peer_alive(peer: Any) -> bool:
     return await peer_alive(peer, PROBE_TIMEOUT_S)
 
 
-async def _dead(peers: list[tuple[str, Peer[Any]]]) -> list[tuple[str, Peer[Any]]]:
-    """The peers Ray reports dead (no actor: kept)."""
-    return await dead_peers(peers, lambda peer: peer.actor, _peer_alive)
-
-
 @dataclass(frozen=True)
 class NcclConnect(PeerMessage):
     """Join ``peer_id``'s communicator as rank 1; ``actor`` is the sender's (None:
@@ -271,7 +266,7 @@ class NcclReceiver(KVReceiver):
     async def sweep_dead(self) -> None:
         """End the communicators of senders Ray reports dead as a failure does (on the
         loop, as every book here; one a join replaced meanwhile is not touched)."""
-        for peer_id, peer in await _dead(self.peers.entries()):
+        for peer_id, peer in await dead_peers(self.peers.entries(), _peer_alive):
             if self.peers.get(peer_id) is peer:
                 self.abort_peer(peer_id)
 
@@ -327,7 +322,8 @@ class NcclSender(KVSender):
         """End the communicators of decode workers Ray reports dead. The books' lock is
         taken on threads (an abort_peer may hold it through NCCL's abort), never on the
         loop."""
-        for worker_id, peer in await _dead(await asyncio.to_thread(self._entries)):
+        entries = await asyncio.to_thread(self._entries)
+        for worker_id, peer in await dead_peers(entries, _peer_alive):
             await asyncio.to_thread(self._release, worker_id, peer)
 
     def _entries(self) -> list[tuple[str, Peer[Any]]]:

@@ -26,12 +26,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import ray
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+
+class _HasActor(Protocol):
+    actor: Any
+
+
+P = TypeVar("P", bound=_HasActor)
 
 SWEEP_INTERVAL_S = 60.0
 PROBE_TIMEOUT_S = 10.0
@@ -49,13 +55,14 @@ async def peer_alive(peer: Any, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     return True
 
 
-async def dead_peers(peers: list[tuple[str, T]], actor_of: Callable[[T], Any],
+async def dead_peers(peers: list[tuple[str, P]],
                      alive: Callable[[Any], Awaitable[bool]] = peer_alive
-                     ) -> list[tuple[str, T]]:
-    """The (peer id, state) pairs whose peer's actor Ray reports dead: all probed at once,
-    each bounded; a peer with no known actor is kept."""
-    known = [(peer_id, state) for peer_id, state in peers if actor_of(state) is not None]
-    answers = await asyncio.gather(*(alive(actor_of(state)) for _, state in known))
+                     ) -> list[tuple[str, P]]:
+    """The (peer id, books entry) pairs whose ``actor`` Ray reports dead (entries of
+    kvtransfer.nccl_state.PeerComms): all probed at once, each bounded; a peer with no
+    known actor is kept."""
+    known = [(peer_id, peer) for peer_id, peer in peers if peer.actor is not None]
+    answers = await asyncio.gather(*(alive(peer.actor) for _, peer in known))
     dead = [p for p, ok in zip(known, answers, strict=True) if not ok]
     for peer_id, _ in dead:
         log.info("Ray reports %s dead; ending what this worker holds for it", peer_id)
