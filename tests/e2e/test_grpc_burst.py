@@ -51,4 +51,6 @@ def test_a_burst_of_new_calls_is_answered_never_cancelled(live: LiveService) -> 
     assert sum(codes.values()) == BURST
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert codes["OK"] and codes["RESOURCE_EXHAUSTED"], codes
-    live.wait_until_idle()
+    states = live.wait_until_idle()  # every admitted call's KV came back
+    assert all(s["used"] == 0 and s["requests"] == 0 and s["held"] == 0
+               for s in states.values()), states

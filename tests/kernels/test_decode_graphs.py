@@ -196,6 +196,7 @@ def test_graphs_that_fail_turn_off_and_steps_run_eagerly(
         engine = _engine(True)
         monkeypatch.setattr(DecodeGraphs, "run", broken)
     assert _generate(engine) == want
+    assert engine.pool.num_free_blocks == engine.pool.num_usable_blocks
     assert engine.runner.graphs is None
     assert engine.runner.graph_error is not None and "simulated" in engine.runner.graph_error
 
