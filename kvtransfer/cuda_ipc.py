@@ -45,6 +45,7 @@ from kvtransfer.ipc_mappings import IpcMappings
 from kvtransfer.nccl import NcclReceiver, NcclSender
 from kvtransfer.pairing import transfer_path
 from kvtransfer.peer import PeerMessage
+from kvtransfer.peer_sweep import own_actor
 
 
 def _cupy() -> Any:
@@ -92,16 +93,6 @@ def _export(cache: torch.Tensor) -> tuple[bytes, int]:
     return bytes(handle), cache.data_ptr() - base
 
 
-def _current_actor() -> Any:
-    """This process's Ray actor (the NCCL fallback's KVPeer), or None outside one."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().current_actor
-    except Exception:
-        return None
-
-
 class CudaIpcReceiver(KVReceiver):
     backend = "cuda-ipc"
 
@@ -114,7 +105,7 @@ class CudaIpcReceiver(KVReceiver):
         self.fallback.bind(cache.device, spec)
         return Endpoint(self.backend, worker_id, spec,
                         IpcAddress(handle, dev, _device_uuid(dev), cache.shape[0], offset,
-                                   _current_actor()))
+                                   own_actor()))
 
     async def fetch(self, handle: TransferHandle, timeout_s: float) -> torch.Tensor | None:
         if handle.backend == "nccl":  # a sender on another GPU
