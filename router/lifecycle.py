@@ -15,9 +15,10 @@
                    it, even if the reply never came; workers refuse late calls for an
                    aborted id, so no KV block outlives the request.
 
-Each attempt has its own id on the workers (``attempt_id``: the request id and the
-attempt's number), so whatever a worker still says about an earlier attempt is stale by
-construction, and a worker's memory of aborted ids never refuses a later attempt.
+Each attempt has its own id on the workers (``attempt_id``: the request id, a key of
+the call's own and the attempt's number), so whatever a worker still says about an
+earlier attempt is stale by construction, and a worker's memory of aborted ids never
+refuses a later attempt, nor a later call that reuses the client's request id.
 
 Attempts are bounded (MAX_PLACEMENTS) and every wait races the workers' lifelines and
 ends by the request's deadline, so nothing waits on a dead worker.

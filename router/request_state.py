@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import enum
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
@@ -100,6 +101,10 @@ class RouterRequest:
         self.prefill_worker: str | None = None  # while a prefill is in flight
         self.deadline = deadline  # loop time; every wait of this request ends by then
         self.placements = 0  # placement attempts (retries and migrations), bounded
+        # Clients may reuse a request id once its call is over (a retry after a cancel or
+        # a deadline), but workers refuse every id they were told to abort: the ids the
+        # workers see carry a key of this call's own, so no two calls ever share one.
+        self.call_key = uuid.uuid4().hex[:12]
         self.phase = Phase.ADMITTED
         self.events = Events()
         self.queue: asyncio.Queue[Delta | Final | BaseException] = asyncio.Queue()
@@ -114,8 +119,9 @@ class RouterRequest:
 
     @property
     def attempt_id(self) -> str:
-        """The request's id on the workers for the current attempt."""
-        return f"{self.request_id}@{self.placements}"
+        """The request's id on the workers for the current attempt: unique to this call
+        and attempt, whatever ids the client reuses."""
+        return f"{self.request_id}@{self.call_key}.{self.placements}"
 
     def remaining_s(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()

@@ -4,8 +4,9 @@ Calls to one actor may run in any order once they await (Ray async actors), and 
 router may give up on a call before it even reaches the worker: an abort can arrive
 *before* the reserve, prefill or generate it cancels. Without a memory of it, that late
 call would take KV blocks for a request nobody waits for -- a leak. So every abort is
-remembered, and a call for a remembered id is refused. Ids are per placement attempt
-(the router's ``attempt_id``), so a remembered id is never legitimately reused.
+remembered, and a call for a remembered id is refused. Ids are per call and placement
+attempt (the router's ``attempt_id`` carries a random key of the call's own, whatever
+request id the client reuses), so a remembered id is never legitimately reused.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ Ray ObjectRef; a dead actor fails its pending and later calls with ActorDiedErro
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,16 @@ def next_token(seq: list[int]) -> int:
     return (len(seq) * 7 + seq[-1] * 3) % 4000 + 100
 
 
+_ATTEMPT_ID = re.compile(r"^(.*)@[0-9a-f]{12}\.(\d+)$")
+
+
+def short_id(attempt_id: str) -> str:
+    """A worker-side id without its call key ("r@<key>.1" -> "r@1"): the fakes keep
+    their books, and tests name attempts, by request id and attempt number."""
+    m = _ATTEMPT_ID.match(attempt_id)
+    return f"{m[1]}@{m[2]}" if m else attempt_id
+
+
 class _Method:
     def __init__(self, actor: FakeActor, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
         self.actor, self.fn = actor, fn
@@ -107,7 +118,7 @@ class FakeActor:
     pool_report: Any = None  # a PoolState its step batches carry (the real one: 1/s)
     stream_broken: bool = False  # the token stream fails while the actor lives on
     running: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> state
-    aborted: set[str] = field(default_factory=set)
+    aborted: set[str] = field(default_factory=set)  # full ids, as the router sent them
     sent_to: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # prefill: KV dest
     calls: list[tuple[str, str]] = field(default_factory=list)  # (method, request id)
     # Shared by every actor of a FakeCluster: (worker id, method, request id).
@@ -134,6 +145,7 @@ class FakeActor:
         self.start_gate.set()
         self.abort_gate.set()
         self._ticker: asyncio.Task[None] | None = None
+        self._full_ids: dict[str, str] = {}  # short_id -> the id the router sent
         self._channel: TokenChannelServer | None = None
         if self.role in ("decode", "colocated"):
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -193,9 +205,17 @@ class FakeActor:
     def _free(self, blocks: list[int]) -> None:
         self.free_blocks += blocks
 
-    def _record(self, method: str, request_id: str) -> None:
-        self.calls.append((method, request_id))
-        self.journal.append((self.worker_id, method, request_id))
+    def _record(self, method: str, request_id: str) -> str:
+        """Note the call; returns the id the books use (short_id), remembering the
+        full one for the events sent about it."""
+        rid = short_id(request_id)
+        self._full_ids[rid] = request_id
+        self.calls.append((method, rid))
+        self.journal.append((self.worker_id, method, rid))
+        return rid
+
+    def _event(self, rid: str, *args: Any, **kwargs: Any) -> TokenEvent:
+        return TokenEvent(self._full_ids.get(rid, rid), *args, **kwargs)
 
     # -- every role ----------------------------------------------------------------------
     async def _ping(self) -> str:
@@ -222,8 +242,8 @@ class FakeActor:
         return WorkerStats(self.worker_id, self.role, eng, 0, pool=self.pool_report)
 
     async def _abort(self, request_id: str) -> bool:
-        self._record("abort", request_id)
-        self.aborted.add(request_id)
+        self.aborted.add(request_id)  # by the full id, as a worker's AbortedIds
+        request_id = self._record("abort", request_id)
         await self.abort_gate.wait()
         here = False
         if request_id in self.reserved:
@@ -239,9 +259,9 @@ class FakeActor:
     # -- decode --------------------------------------------------------------------------
     async def _reserve(self, request_id: str, tokens: list[int], params: Any
                        ) -> list[int] | None:
-        self._record("reserve", request_id)
+        full, request_id = request_id, self._record("reserve", request_id)
         await self.reserve_gate.wait()
-        if request_id in self.aborted:
+        if full in self.aborted:
             return None
         blocks = self._take(-(-len(tokens) // 16))
         if blocks is not None:
@@ -251,7 +271,7 @@ class FakeActor:
 
     async def _start(self, request_id: str, first_token: int, handle: TransferHandle,
                      logprobs: Any = None, num_cached_tokens: int = 0) -> None:
-        self._record("start", request_id)
+        request_id = self._record("start", request_id)
         self.started_cached[request_id] = num_cached_tokens
         await self.start_gate.wait()
         await asyncio.sleep(self.start_delay_s)
@@ -268,8 +288,8 @@ class FakeActor:
                                     "left": params.max_tokens - 1, "blocks": blocks}
 
     async def _generate(self, request_id: str, tokens: list[int], params: Any) -> None:
-        self._record("generate", request_id)
-        if request_id in self.aborted:
+        full, request_id = request_id, self._record("generate", request_id)
+        if full in self.aborted:
             return
         if self.fail_next_generate is not None:
             exc, self.fail_next_generate = self.fail_next_generate, None
@@ -285,12 +305,12 @@ class FakeActor:
     def preempt(self, request_id: str) -> None:
         """Preempt a running request (its pool ran short): blocks freed, "migrated"."""
         self._free(self.running.pop(request_id)["blocks"])
-        self.events.put_nowait([TokenEvent(request_id, [], [], "migrated")])
+        self.events.put_nowait([self._event(request_id, [], [], "migrated")])
 
     def fail(self, request_id: str, error: str) -> None:
         """The request's step failed on this worker (engine step isolation)."""
         self._free(self.running.pop(request_id)["blocks"])
-        self.events.put_nowait([TokenEvent(request_id, [], [], "error", error=error)])
+        self.events.put_nowait([self._event(request_id, [], [], "error", error=error)])
 
     async def _tick(self) -> None:
         while True:
@@ -303,8 +323,8 @@ class FakeActor:
                 done = st["left"] <= 0
                 if done:
                     self._free(self.running.pop(rid)["blocks"])
-                events.append(TokenEvent(rid, [tok], [], "length" if done else None,
-                                         st.get("cached", 0)))
+                events.append(self._event(rid, [tok], [], "length" if done else None,
+                                          st.get("cached", 0)))
             if events:
                 self.events.put_nowait(events)
 
@@ -327,14 +347,14 @@ class FakeActor:
 
     # -- prefill -------------------------------------------------------------------------
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
-        rid = task.request_id
-        self._record("prefill", rid)
+        full = task.request_id
+        rid = self._record("prefill", full)
         # Where the KV will go: a decode worker's endpoint and the blocks reserved there.
         self.sent_to[rid] = (task.dest.worker_id, list(task.dest_block_ids))
-        if rid in self.aborted:
+        if full in self.aborted:
             raise PrefillAborted(f"{rid} aborted before its prefill")
         await self.prefill_gate.wait()
-        if rid in self.aborted:
+        if full in self.aborted:
             raise PrefillAborted(f"{rid} aborted during its prefill")
         if self.fail_next_prefill is not None:
             exc, self.fail_next_prefill = self.fail_next_prefill, None
@@ -344,11 +364,11 @@ class FakeActor:
         lp = (TokenLogprobs(-0.5, [(first, -0.5)]) if task.params.logprobs is not None
               else None)
         if task.params.max_tokens <= 1:  # the first token ends it: no KV to ship
-            return PrefillResult(rid, first, lp, "length", cached, None,
+            return PrefillResult(full, first, lp, "length", cached, None,
                                  queue_s, prefill_s, transfer_s)
-        handle = TransferHandle(rid, "fake", SPEC, len(task.dest_block_ids), nbytes,
+        handle = TransferHandle(full, "fake", SPEC, len(task.dest_block_ids), nbytes,
                                 payload=list(task.token_ids))
-        return PrefillResult(rid, first, lp, None, cached, handle,
+        return PrefillResult(full, first, lp, None, cached, handle,
                              queue_s, prefill_s, transfer_s)
 
 

@@ -128,6 +128,34 @@ def test_cancel_in_every_phase_frees_everything(cluster: FakeCluster, phase: Pha
     run(go())
 
 
+@pytest.mark.parametrize("phase", [Phase.RESERVING, Phase.DECODING])
+def test_a_request_id_reused_after_a_cancel_is_served(cluster: FakeCluster,
+                                                       phase: Phase) -> None:
+    """A client retrying with the id of a call it cancelled (or that timed out): the
+    workers refuse every id they were told to abort, so the new call's ids must be new
+    to them, or it would wait for KV room until its deadline."""
+    async def go() -> None:
+        router = await start(cluster)
+        decode = cluster.live("decode")[0]
+        if phase is Phase.RESERVING:
+            decode.reserve_gate.clear()
+        task = asyncio.ensure_future(collect(router, request_id="r"))
+        await until(lambda: "r" in router.requests and router.requests["r"].phase is phase,
+                    f"phase {phase}")
+        first_id = router.requests["r"].attempt_id
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        decode.reserve_gate.set()
+        await settle(router, cluster)
+        assert ("abort", "r@1") in decode.calls
+        toks, final = await collect(router, request_id="r", timeout_s=5.0)
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        assert first_id in decode.aborted and len(decode.aborted) == 1
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_abort_that_overtakes_its_reserve_leaks_nothing(cluster: FakeCluster) -> None:
     """The cancel reaches the worker before the reserve it cancels: the worker refuses
     the late reserve (remembered abort), so no block is taken for nobody."""

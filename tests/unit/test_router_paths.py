@@ -312,8 +312,7 @@ def test_attempts_are_bounded_and_the_last_reason_told(cluster: FakeCluster) -> 
         prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
 
         async def never(request_id, *_args, **_kw):  # type: ignore[no-untyped-def]
-            decode._record("start", request_id)
-            decode._free(decode.reserved.pop(request_id))
+            decode._free(decode.reserved.pop(decode._record("start", request_id)))
             raise KVTransferError("the KV never arrives")
         decode._start = never  # type: ignore[method-assign]
         with pytest.raises(RequestFailedError,
@@ -452,7 +451,7 @@ def test_stale_events_from_another_worker_are_dropped(cluster: FakeCluster) -> N
                     and len(router.requests["s"].generated) > 2, "decoding")
         other = next(a for a in cluster.live("colocated")
                      if a.worker_id != router.requests["s"].worker)
-        other.events.put_nowait([TokenEvent("s@1", [7], [], "stop")])
+        other.events.put_nowait([TokenEvent(router.requests["s"].attempt_id, [7], [], "stop")])
         toks, final = await task
         assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
         await settle(router, cluster)
