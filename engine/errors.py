@@ -13,6 +13,12 @@ class InvalidRequestError(EngineError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised inside workers and sent back through Ray: pickling must rebuild it
+        # from its own arguments, or the client gets INTERNAL instead of this error.
+        return type(self), (self.field, self.message)
 
 
 class RequestNotFoundError(EngineError, KeyError):

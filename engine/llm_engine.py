@@ -161,11 +161,17 @@ class LLMEngine:
         """Allocate blocks for a prompt whose KV will be imported (decode workers).
 
         Returns the block ids, or None when that would leave fewer than
-        ``watermark_blocks`` free (room kept for running requests to grow). The
-        reservation is owned by the engine until ``start_prefilled`` or ``abort``.
+        ``watermark_blocks`` free (room kept for running requests to grow); raises
+        InvalidRequestError for a prompt that would cross it even in an empty pool.
+        The reservation is owned by the engine until ``start_prefilled`` or ``abort``.
         """
-        req = self._new_request(prompt_token_ids, params, request_id)
         need = self.kv.num_blocks_needed(len(prompt_token_ids))
+        room = self.pool.num_usable_blocks - watermark_blocks
+        if need > room:  # not even an idle worker could take it: refuse, never wait
+            raise InvalidRequestError(
+                "prompt", f"needs {need} KV blocks; a decode worker takes prompts of at "
+                f"most {room} (its pool less its watermark)")
+        req = self._new_request(prompt_token_ids, params, request_id)
         if self.pool.num_free_blocks - need < watermark_blocks or not self.kv.allocate(
             req, len(prompt_token_ids)
         ):

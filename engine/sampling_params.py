@@ -31,6 +31,11 @@ class SamplingParamsError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"sampling.{field_name}: {message}")
         self.field = field_name
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Crosses Ray like InvalidRequestError: rebuilt from its own arguments.
+        return type(self), (self.field, self.message)
 
 
 @dataclass(frozen=True)

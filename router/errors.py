@@ -19,6 +19,9 @@ class OverloadedError(RouterError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[type, tuple[str, float]]:  # pickled with its arguments
+        return type(self), (str(self), self.retry_after_s)
+
 
 class NoWorkersError(RouterError):
     """No live worker can take the request, and none is coming in time (UNAVAILABLE)."""
@@ -38,6 +41,9 @@ class WorkerLost(RouterError):
     def __init__(self, worker_id: str) -> None:
         super().__init__(f"worker {worker_id} died")
         self.worker_id = worker_id
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # pickled with its arguments
+        return type(self), (self.worker_id,)
 
 
 class TransferFailed(RouterError):

@@ -88,7 +88,11 @@ class Lifecycle:
             rr.fail(e)
         except Exception as e:
             log.exception("request %s failed", rr.request_id)
-            rr.fail(RequestFailedError(f"request {rr.request_id} failed: {e}"))
+            # One line for the client: a worker's error comes with its remote traceback
+            # (pids, addresses, paths), which belongs in the log, not in the answer.
+            why = cause(e) if isinstance(e, ray.exceptions.RayTaskError) else (
+                f"{type(e).__name__}: {e}")
+            rr.fail(RequestFailedError(f"request {rr.request_id} failed: {why}"))
 
     async def _attempt(self, rr: RouterRequest, touched: set[WorkerHandle]) -> AttemptEnd:
         if self.config.mode == "colocated":

@@ -17,6 +17,7 @@ import ray
 
 from engine import LLM
 from engine.config import CacheConfig, EngineConfig
+from engine.errors import InvalidRequestError
 from kvtransfer import PeerMessage
 from messages import KVTransferError, PrefillTask, TokenEvent, WorkerStats
 from runtime.actors import actor_class
@@ -130,6 +131,21 @@ def test_abort_frees_a_reservation(cluster, prompts_and_expected) -> None:  # ty
     assert ray.get(decode.reserve.remote("to-abort", prompt, GREEDY), timeout=60)
     assert ray.get(decode.abort.remote("to-abort"), timeout=60) is True
     assert ray.get(decode.abort.remote("never-here"), timeout=60) is False
+    _assert_clean(actors)
+
+
+def test_a_request_no_pool_can_hold_comes_back_as_the_clients_error(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Raised in the worker, pickled by Ray, raised again here: still an
+    InvalidRequestError naming the field (the router answers INVALID_ARGUMENT)."""
+    _, actors, _ = cluster
+    usable = ray.get(actors["decode"].stats.remote(), timeout=60).num_usable_blocks
+    prompt = [100] * (16 * usable)  # the whole pool, and max_tokens on top
+    for call in (actors["decode"].reserve.remote("too-big", prompt, GREEDY),
+                 actors["colocated"].generate.remote("too-big", prompt, GREEDY)):
+        with pytest.raises(InvalidRequestError) as e:
+            ray.get(call, timeout=60)
+        assert isinstance(e.value, ray.exceptions.RayTaskError)
+        assert e.value.cause.field == "max_tokens"
     _assert_clean(actors)
 
 
