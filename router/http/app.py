@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -174,14 +175,46 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+# A JSON escape of a surrogate code point (U+D800..U+DFFF): the only way a lone
+# surrogate gets into parsed JSON (a pair of escapes decodes to one character; raw
+# bytes must be valid UTF-8).
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
 def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400: not JSON (ValueError covers bad UTF-8 and
+    integers of over 4300 digits), nested too deep to parse, or holding a string with
+    a lone surrogate, which no tokenizer or response encoder can take."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise HttpError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise HttpError(400, "the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body):
+        for key, value in data.items():
+            if _has_lone_surrogate(value):
+                raise HttpError(400, f"{key!r} holds a string with a lone UTF-16 "
+                                "surrogate (U+D800..U+DFFF): not valid Unicode text",
+                                param=key if key.isascii() else None)
     return data
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    todo = [value]
+    while todo:  # iterative: the parser's own depth limit already bounds the nesting
+        v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            todo += v.keys()
+            todo += v.values()
+        elif isinstance(v, list):
+            todo += v
+    return False
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:

@@ -82,8 +82,15 @@ def api_error(exc: BaseException) -> HttpError:
 
 
 def error_body(err: HttpError) -> dict[str, Any]:
-    return {"error": {"message": err.message, "type": err.type, "param": err.param,
+    return {"error": {"message": _encodable(err.message), "type": err.type,
+                      "param": None if err.param is None else _encodable(err.param),
                       "code": err.code}}
+
+
+def _encodable(text: str) -> str:
+    """Messages may quote the client's input: a lone surrogate in it (which JSON
+    escapes can carry) would make the error response itself fail to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(exc: BaseException) -> JSONResponse:

@@ -229,6 +229,19 @@ def test_raw_http_errors(raw: httpx.Client) -> None:
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     bad_json = raw.post("/v1/completions", content=b"{not json")
     assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    # Hostile bodies are 400s too, never 500s: digits past int()'s limit, nesting past
+    # the parser's depth, lone surrogates (in a field, in a quoted model name).
+    for body in (b'{"max_tokens": ' + b"9" * 5000 + b"}", b"[" * 20_000 + b"]" * 20_000,
+                 b'{"prompt": "a\\udfff", "max_tokens": 2}',
+                 b'{"prompt": ["ok", "\\ud800b"], "max_tokens": 2}',
+                 b'{"model": "\\ud800", "prompt": "a"}'):
+        r = raw.post("/v1/completions", content=body,
+                     headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body[:40], r.status_code, r.text[:200])
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    lone = raw.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", '
+                    b'"content": "\\udc00"}], "stop": ["\\ud801"]}')
+    assert lone.status_code == 400 and lone.json()["error"]["param"] == "messages"
     nowhere = raw.get("/v1/nowhere")
     assert nowhere.status_code == 404 and set(nowhere.json()["error"]) == {
         "message", "type", "param", "code"}
