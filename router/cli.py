@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -101,6 +102,9 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until serve() takes the signals over, nothing is started: a stop is just an exit.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stopped_before_start)
     try:
         settings = settings_from_args(args)
     except ConfigError as e:
@@ -117,12 +121,18 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
     from router.service import Service, print_usage
 
     rc = settings.router
-    init_ray(rc)
-    service = Service(rc, settings.server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def take_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    # A signal while ray.init blocks the loop is noted, and acted on once it returns:
+    # the start below is then cancelled at once.
+    take_signals()
+    init_ray_driver(rc)
+    service = Service(rc, settings.server)
     status = 0
     try:
         log.info("starting %s on %s", _describe(rc), rc.ray_address or "a local Ray")
@@ -145,6 +155,11 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
     return status
 
 
+def _stopped_before_start(signum: int, frame: Any) -> None:
+    log.info("stopped by a signal before the service was up")
+    raise SystemExit(0)
+
+
 class _Stopped(Exception):
     """SIGTERM/SIGINT came while serve() was still starting up (or running its demo)."""
 
@@ -165,6 +180,28 @@ async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> 
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise _Stopped
+
+
+def init_ray_driver(rc: RouterConfig) -> None:
+    """init_ray for `pdserve serve`, leaving SIGTERM to the caller's handler throughout.
+    Left to itself, ray.init takes SIGTERM over while it starts Ray: first abseil's
+    failure handler, which aborts the process (exit 134), then handlers that exit
+    midway; either way the Ray processes started so far are orphaned. So the router's
+    driver goes without the abseil handler (a crash still shows its Python traceback:
+    faulthandler; workers keep theirs, Ray reads the flag in each process), and Ray's
+    own handlers are not put in while it starts (pdserve's replace them after anyway).
+    Both are Ray internals: tests/e2e/test_sigterm_drain.py fails if they move."""
+    import ray._private.ray_constants as ray_constants
+    import ray._private.utils as ray_utils
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    faulthandler.enable()
+    keep = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda _handler: None
+    try:
+        init_ray(rc)
+    finally:
+        ray_utils.set_sigterm_handler = keep
 
 
 def init_ray(rc: RouterConfig) -> None:

@@ -5,7 +5,9 @@ get a last message with FINISH_REASON_ABORT before its call ends OK."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -124,3 +126,47 @@ def test_sigterm_while_workers_load_stops_the_start() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _session(sid: int) -> set[int]:
+    """Every live process of session ``sid`` (Ray's GCS, raylet, agents and workers stay
+    in the session of the `pdserve serve` that started them)."""
+    alive = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # zombies hold nothing
+                alive.add(int(entry))
+    return alive
+
+
+def test_sigterm_at_any_instant_of_the_start_exits_0_leaving_no_process() -> None:
+    """While Ray itself starts (GCS, raylet, agents), too: Ray's own handlers would abort
+    the process or exit midway, orphaning what had started. Random instants of the
+    first seconds, where Ray starts; the workers' load is the test above."""
+    rng = random.Random()
+    for delay in sorted(rng.uniform(0.2, 5.0) for _ in range(3)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "serve", "--port", str(_free_port()),
+             "--metrics-port", "0", "--http-port", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        try:
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGTERM)
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, (delay, out[-3000:])
+            assert "stopped by a signal before the service was up" in out, (delay, out)
+            for _ in range(300):  # children exit within a few seconds of the driver
+                if not _session(proc.pid):
+                    break
+                time.sleep(0.1)
+            assert not _session(proc.pid), (delay, _session(proc.pid))
+        finally:
+            if proc.poll() is None or _session(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
