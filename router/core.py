@@ -45,6 +45,7 @@ StreamItem = Delta | Final
 # Requests larger than this are tokenized on a thread by the edges: the event loop
 # keeps streaming everyone else's tokens meanwhile.
 TOKENIZE_INLINE_BYTES = 16 << 10
+SHUTDOWN_SETTLE_S = 10.0  # at shutdown, the longest wait for the workers' abort answers
 
 
 class Router:
@@ -88,7 +89,16 @@ class Router:
             await asyncio.sleep(0.05)
         for rid in list(self.requests):
             await self.abort(rid)
-        await self.lifecycle.settle()
+        # The workers are killed next, which frees whatever they hold: the aborts are
+        # waited for (so a prefill's KV send ends before its destination goes) but not
+        # past a bound, since a worker that is frozen (SIGSTOP, a hung driver) but not
+        # dead would never answer them, and the process would never exit.
+        settling = asyncio.ensure_future(self.lifecycle.settle())
+        await asyncio.wait({settling}, timeout=SHUTDOWN_SETTLE_S)
+        if not settling.done():
+            settling.cancel()
+            log.warning("shutdown: aborts still unanswered after %.0f s (a frozen "
+                        "worker?); killing the workers anyway", SHUTDOWN_SETTLE_S)
         await self.registry.shutdown()
 
     # -- public API ----------------------------------------------------------------------

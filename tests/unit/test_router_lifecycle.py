@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from engine.sampling_params import SamplingParams
+from router import core
 from router.config import RouterConfig
 from router.core import Router
 from router.errors import NoWorkersError, OverloadedError, QueueFullError
@@ -317,6 +318,28 @@ def test_drain_moves_streams_to_the_replacement(cluster: FakeCluster) -> None:
         assert old.dead and len(cluster.live("decode")) == 1
         await settle(router, cluster)
         await router.shutdown()
+    run(go())
+
+
+def test_shutdown_ends_even_if_a_frozen_worker_never_answers_its_aborts(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stopped (SIGSTOP, a hung driver) is not dead: it would never answer the
+    aborts of its requests, and a shutdown that waited for them would never end. The
+    wait is bounded; the workers are killed after it (which frees what they hold)."""
+    monkeypatch.setattr(core, "SHUTDOWN_SETTLE_S", 0.2)
+
+    async def go() -> None:
+        router = await start(cluster)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        prefill.prefill_gate.clear()  # the request stays in its prefill...
+        prefill.abort_gate.clear()  # ...and the prefill worker answers no abort
+        task = asyncio.ensure_future(collect(router, request_id="f"))
+        await until(lambda: ("prefill", "f@1") in prefill.calls, "prefilling")
+        await asyncio.wait_for(router.shutdown(grace_s=0.05), timeout=60)
+        assert (await task)[1].finish_reason == "abort"
+        assert ("abort", "f@1") in prefill.calls
+        assert ("abort", "f@1") not in decode.calls  # never before the prefill's answer
+        assert prefill.dead and decode.dead
     run(go())
 
 
