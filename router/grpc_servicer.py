@@ -44,6 +44,10 @@ def version() -> str:
         return "0+unknown"
 
 
+# A cancel this close to the call's deadline (as the server counts it) is the deadline.
+DEADLINE_SLACK_S = 1.0
+
+
 class Undecodable:
     """What a request deserializes to when its bytes are not a valid message."""
 
@@ -109,10 +113,11 @@ class GenerationServicer:
             async for response in self._generate(rid, request, context, out):
                 yield response
             out.code = grpc.StatusCode.OK
-        except asyncio.CancelledError:
-            # The client went away or the deadline passed: grpc cancels this task, which
-            # closes the router's stream in _generate, which aborts the request on every
-            # worker holding it.
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away or the deadline passed: grpc cancels this task (or,
+            # when that finds it at a yield, writing a response, closes this generator),
+            # which closes the router's stream in _generate, which aborts the request on
+            # every worker holding it.
             out.finish_reason = "abort"
             out.code = _cancel_code(context)
             raise
@@ -187,8 +192,11 @@ class GenerationServicer:
 
 
 def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """One answer to "cancelled or deadline?", wherever the call ended."""
+    """One answer to "cancelled or deadline?", wherever the call ended. The client's
+    deadline timer started first (the server's counts from the call's arrival) and its
+    cancel may come in before the server's own deadline: a cancel that close to the
+    deadline is counted as the deadline."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
