@@ -69,6 +69,8 @@ class Lifecycle:
                 except (WorkerLost, TransferFailed) as e:
                     log.info("request %s: %s; placing it again", rr.request_id, e)
                     last = e
+                    if rr.phase in (Phase.STARTING, Phase.DECODING):  # it had a decode
+                        rr.events.migrations += 1  # worker, and moves to another
                     rr.phase = Phase.REPLACING
                     self._abort_on(aid, touched)
                     continue

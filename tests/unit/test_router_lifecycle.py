@@ -191,6 +191,8 @@ def test_worker_death_in_every_phase_loses_nothing(cluster: FakeCluster, victim:
                                                     phase: Phase) -> None:
     async def go() -> None:
         router = await start(cluster)
+        moves: list[int] = []
+        router.on_finish.append(lambda rr, _why: moves.append(rr.events.migrations))
         prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
         if phase is Phase.PREFILLING:
             prefill.prefill_gate.clear()
@@ -207,6 +209,8 @@ def test_worker_death_in_every_phase_loses_nothing(cluster: FakeCluster, victim:
         toks, final = await task
         assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
         assert router.requests == {} and len(cluster.live(victim)) == 1  # replaced
+        # Timing.migrations: moves to another decode worker, not a prefill's retry.
+        assert moves == [1 if phase in (Phase.STARTING, Phase.DECODING) else 0]
         await settle(router, cluster)
         await router.shutdown()
     run(go())

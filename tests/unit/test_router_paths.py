@@ -150,12 +150,14 @@ def test_colocated_migration_continues_token_identical(cluster: FakeCluster) -> 
 def test_colocated_worker_death_places_it_again(cluster: FakeCluster) -> None:
     async def go() -> None:
         router = await start(cluster, mode="colocated", workers=1)
+        events = record_events(router)
         task = asyncio.ensure_future(collect(router, params=LONG, request_id="d"))
         await until(lambda: "d" in router.requests
                     and len(router.requests["d"].generated) > 3, "decoding")
         cluster.live("colocated")[0].die()
         toks, final = await task
         assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        assert events["d"].migrations == 1
         assert len(cluster.live("colocated")) == 1
         await settle(router, cluster)
         await router.shutdown()
