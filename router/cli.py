@@ -19,6 +19,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -102,6 +103,7 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()  # a descriptor per open stream; Ray's processes inherit the limit
     # Until serve() takes the signals over, nothing is started: a stop is just an exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stopped_before_start)
@@ -158,6 +160,17 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
 def _stopped_before_start(signum: int, frame: Any) -> None:
     log.info("stopped by a signal before the service was up")
     raise SystemExit(0)
+
+
+def raise_fd_limit() -> None:
+    """The soft file-descriptor limit up to the hard one (often 1024 against 1M): a
+    server holding thousands of streams needs a descriptor for each."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-files limit from %d: %s", soft, e)
 
 
 class _Stopped(Exception):

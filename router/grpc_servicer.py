@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import time
 import uuid
@@ -37,7 +38,8 @@ from router.status import status_for
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # pdserve.v1.Generation
 
 
-def version() -> str:
+@functools.cache
+def version() -> str:  # read from disk once: GetServerInfo answers it on every call
     try:
         return importlib.metadata.version("pdserve")
     except importlib.metadata.PackageNotFoundError:

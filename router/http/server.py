@@ -3,7 +3,8 @@
 It binds its socket itself, at construction: a taken port fails at once, before the
 workers load (as the gRPC server does), and a port asked of the OS is known before
 ``start``. uvicorn's own signal handling is turned off: ``pdserve serve`` owns SIGINT
-and SIGTERM and stops every server through Service.stop.
+and SIGTERM and stops every server through Service.stop. Connections are bounded in
+number and in the time a request head may take (router/http/connections.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from router.http.app import OpenAIApi
+from router.http.connections import BoundedH11Protocol
 from router.server_config import ServerConfig
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ class HttpServer:
         self.sock = _bind(config.host, config.http_port)
         self.port: int = self.sock.getsockname()[1]
         self._server = _Server(uvicorn.Config(
-            self.api.app(), lifespan="off", http="h11", log_level="warning",
+            self.api.app(), lifespan="off", http=BoundedH11Protocol, log_level="warning",
             access_log=False, server_header=False,
             ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
             timeout_graceful_shutdown=FLUSH_GRACE_S))
