@@ -208,7 +208,8 @@ def init_ray_driver(rc: RouterConfig) -> None:
     import ray._private.utils as ray_utils
 
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    faulthandler.enable()
+    with contextlib.suppress(ValueError):  # stderr without a file (captured in tests)
+        faulthandler.enable()
     keep = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda _handler: None
     try:

@@ -318,3 +318,4 @@ class StatsPoller:
         # business (lifelines), never a slow answer here.
         with contextlib.suppress(Exception):
             h.stats = await asyncio.wait_for(h.fetch_stats(), timeout=self.interval_s)
+            h.heard()

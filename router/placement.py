@@ -13,20 +13,27 @@ still knows whom to tell (see router/lifecycle.py).
 
 A request's first attempt fails fast when no alive node can host a role it needs;
 a request placed again waits for one (``wait_live``'s fail_fast, worker_registry.py).
+
+Workers gone silent (router/worker_handle.py: alive, maybe frozen) get no new request
+while another worker of the role is heard from: a call to a frozen worker would hold
+the request until its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from engine.sampling_params import SamplingParams
 from router.config import RouterConfig
 from router.errors import QueueFullError, WorkerLost
 from router.request_state import RouterRequest
 from router.routing import block_hashes, pick_prefill
-from router.worker_handle import WorkerHandle
+from router.worker_handle import SILENT_AFTER_S, WorkerHandle
 from router.worker_registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
 
 ROOM_POLL_S = 1.0  # re-check for room this often even without a stream's notice
 
@@ -48,6 +55,7 @@ class Placement:
         # while the request was still awaiting a worker's "no room" answer would
         # otherwise notify nobody, and the request would sleep until the next poll.
         self._room_version = 0
+        self._silent_warned: set[str] = set()  # silent workers already logged
 
     async def room_changed(self) -> None:
         """A worker reported its pool (or a worker started): waiters look again."""
@@ -63,7 +71,8 @@ class Placement:
         try:
             while True:
                 seen = self._room_version
-                live = await self.registry.wait_live("decode", rr.deadline, rr.placements <= 1)
+                live = self._heard(await self.registry.wait_live(
+                    "decode", rr.deadline, rr.placements <= 1))
                 live.sort(key=lambda h: (h.est_usage(), len(h.requests)))
                 for d in live:
                     d.fresh_blocks += est  # before awaiting, so concurrent picks spread out
@@ -104,12 +113,29 @@ class Placement:
     async def prefill_worker(self, rr: RouterRequest, tokens: list[int]
                              ) -> tuple[WorkerHandle, list[int]]:
         """The prefill worker for ``tokens`` and the prompt's block hashes."""
-        live = await self.registry.wait_live("prefill", rr.deadline, rr.placements <= 1)
+        live = self._heard(await self.registry.wait_live(
+            "prefill", rr.deadline, rr.placements <= 1))
         hashes = block_hashes(tokens, self.block_size)
         load = pick_prefill([h.load for h in live if h.load is not None], hashes,
                             self.block_size)
         return self.registry.workers[load.worker_id], hashes
 
     async def colocated_worker(self, rr: RouterRequest) -> WorkerHandle:
-        live = await self.registry.wait_live("colocated", rr.deadline, rr.placements <= 1)
+        live = self._heard(await self.registry.wait_live(
+            "colocated", rr.deadline, rr.placements <= 1))
         return min(live, key=lambda h: (h.est_usage(), len(h.requests)))
+
+    def _heard(self, live: list[WorkerHandle]) -> list[WorkerHandle]:
+        """The workers heard from lately, or all of them if none is (then a silent one
+        is as good a bet as any, and the request's deadline still bounds it)."""
+        heard = []
+        for h in live:
+            if not h.silent():
+                heard.append(h)
+                self._silent_warned.discard(h.worker_id)
+            elif h.worker_id not in self._silent_warned:
+                self._silent_warned.add(h.worker_id)
+                log.warning("worker %s not heard from for over %.0f s (frozen?): new "
+                            "requests go to others of its role while any is heard from",
+                            h.worker_id, SILENT_AFTER_S)
+        return heard or live

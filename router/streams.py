@@ -66,6 +66,7 @@ class StreamConsumer:
                 if stats.pool is None and h.stats is not None:  # read once a second
                     stats = dataclasses.replace(stats, pool=h.stats.pool)
                 h.stats = stats
+                h.heard()
                 h.fresh_blocks = 0
                 for ev in batch.events:
                     self._on_event(h, ev)

@@ -6,12 +6,19 @@ Liveness comes from Ray itself, never from timing: ``lost`` resolves when the wo
 lifeline call fails (the actor died, or its node did) or a call to it reported the actor
 dead. A busy worker answers late; it is never declared dead for that. Every call races
 ``lost``, so no request waits on a dead worker.
+
+A worker that is alive but has gone *silent* -- no token batch, heartbeat or stats
+answer for SILENT_AFTER_S, as a frozen process (SIGSTOP, a hung driver) or a stalled
+node behaves -- is not declared dead either, but placement passes it over for new
+requests while any other worker of its role is heard from (router/placement.py): a
+busy worker still heartbeats each second from its actor's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,6 +34,8 @@ from runtime.actors import NodeInfo
 from runtime.token_channel import read_channel
 
 T = TypeVar("T")
+
+SILENT_AFTER_S = 10.0  # ten missed heartbeats (runtime/streaming_worker.py HEARTBEAT_S)
 
 
 @dataclass(eq=False)
@@ -55,10 +64,21 @@ class WorkerHandle:
     # The registry's reaction to a death, run the moment anyone sees it (so a request
     # that saw it first finds the replacement already counted as starting).
     on_lost: Callable[[], None] | None = None
+    # When the router last heard from it (time.monotonic): a token batch or heartbeat
+    # (decode, colocated), a stats answer (prefill), its start.
+    heard_at: float = field(default_factory=time.monotonic)
 
     @property
     def accepting(self) -> bool:
         return self.alive and not self.draining
+
+    def heard(self) -> None:
+        self.heard_at = time.monotonic()
+
+    def silent(self) -> bool:
+        """Alive, maybe, but not heard from for SILENT_AFTER_S: no new work while others
+        answer."""
+        return time.monotonic() - self.heard_at > SILENT_AFTER_S
 
     def est_usage(self) -> float:
         """Estimated KV usage including reservations the stats do not show yet."""

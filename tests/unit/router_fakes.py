@@ -129,6 +129,7 @@ class FakeActor:
     start_gate: asyncio.Event = field(default_factory=asyncio.Event)
     abort_gate: asyncio.Event = field(default_factory=asyncio.Event)  # held: abort pends
     fail_next_start: bool = False
+    frozen: bool = False  # freeze(): no steps, heartbeats or answers
     ready: asyncio.Event | None = None  # held: the actor is still starting (no ping back)
     # Raised by the next prefill (inside the worker, as a failed step or a drain would).
     fail_next_prefill: Exception | None = None
@@ -298,6 +299,17 @@ class FakeActor:
         self.running[request_id] = {"seq": list(tokens), "left": params.max_tokens,
                                     "blocks": blocks, "cached": self.prefill_report[0]}
 
+    def freeze(self) -> None:
+        """SIGSTOP: alive to Ray, but no step, heartbeat or answer until ``thaw``."""
+        self.frozen = True
+        for gate in (self.reserve_gate, self.prefill_gate, self.start_gate, self.abort_gate):
+            gate.clear()
+
+    def thaw(self) -> None:
+        self.frozen = False
+        for gate in (self.reserve_gate, self.prefill_gate, self.start_gate, self.abort_gate):
+            gate.set()
+
     def break_stream(self) -> None:
         self.stream_broken = True
         self.events.put_nowait([])
@@ -313,8 +325,11 @@ class FakeActor:
         self.events.put_nowait([self._event(request_id, [], [], "error", error=error)])
 
     async def _tick(self) -> None:
+        idle_ticks = 0
         while True:
             await asyncio.sleep(0.001)
+            if self.frozen:
+                continue
             events = []
             for rid, st in list(self.running.items()):
                 tok = next_token(st["seq"])
@@ -327,6 +342,10 @@ class FakeActor:
                                           st.get("cached", 0)))
             if events:
                 self.events.put_nowait(events)
+            else:
+                idle_ticks += 1
+                if idle_ticks % 100 == 0:  # an idle stream's heartbeat, as the real one
+                    self.events.put_nowait([])
 
     async def _batches(self) -> AsyncIterator[StepBatch]:
         """The worker side of its token channel (runtime/token_channel.py, served for

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from engine.sampling_params import SamplingParams
-from router import core
+from router import core, worker_handle
 from router.config import RouterConfig
 from router.core import Router
 from router.errors import NoWorkersError, OverloadedError, QueueFullError
@@ -366,4 +366,32 @@ def test_shutdown_ends_streams_with_abort(cluster: FakeCluster) -> None:
         assert [f.finish_reason for f in finals] == ["abort"]
         with pytest.raises(NoWorkersError):
             await collect(router)
+    run(go())
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_new_requests_pass_over_a_silent_worker(cluster: FakeCluster, mode: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen worker (SIGSTOP: alive to Ray, answering nothing) is not declared dead,
+    but once it has been silent long enough new requests go to the workers that are
+    heard from, instead of waiting on it until their deadlines."""
+    monkeypatch.setattr(worker_handle, "SILENT_AFTER_S", 0.3)
+
+    async def go() -> None:
+        role = "decode" if mode == "disaggregated" else "colocated"
+        kw = {"decode_workers": 2} if mode == "disaggregated" else {"workers": 2}
+        router = await start(cluster, mode=mode, **kw)
+        frozen, _ = cluster.live(role)
+        frozen.freeze()
+        calls_before = len(frozen.calls)
+        await asyncio.sleep(0.5)
+        got = await asyncio.gather(*(collect(router, request_id=f"n{i}", timeout_s=10.0)
+                                     for i in range(6)))
+        assert all(t == expected(PROMPT, 12) and f.finish_reason == "length"
+                   for t, f in got)
+        assert len(frozen.calls) == calls_before  # nothing new was sent its way
+        assert not frozen.dead and len(cluster.actors) == len(router.registry.workers)
+        frozen.thaw()
+        await settle(router, cluster)
+        await router.shutdown()
     run(go())
