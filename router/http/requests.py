@@ -207,7 +207,10 @@ def _messages(v: Any) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             raise InvalidRequestError(f"{where}.role", f"unknown role {m.get('role')!r}; "
                                       f"expected one of {', '.join(sorted(CHAT_ROLES))}")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        content = m.get("content")
+        if content is None and role != "assistant":  # only a turn that called tools
+            raise InvalidRequestError(f"{where}.content", f"a {role} message needs content")
+        out.append({"role": role, "content": _content(content, f"{where}.content")})
     return out
 
 

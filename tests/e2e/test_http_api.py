@@ -192,6 +192,7 @@ def test_stop_strings(client: openai.OpenAI) -> None:
     ({"n": 0}, "n"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"tools": [{"type": "function"}]}, "tools"),
 ])
 def test_bad_parameter_is_400_naming_it(client: openai.OpenAI, body: dict[str, Any],
