@@ -179,7 +179,7 @@ def server_info(router: Router, version: str, uptime_s: float) -> pb.ServerInfo:
 
 def worker_info(h: WorkerHandle) -> pb.WorkerInfo:
     info = pb.WorkerInfo(worker_id=h.worker_id, role=ROLES.get(h.role), alive=h.alive,
-                         draining=h.draining)
+                         draining=h.draining, seconds_since_heard=h.seconds_since_heard())
     if h.node is not None:
         info.node_id, info.node_address = h.node.node_id, h.node.node_address
     if h.kv_spec is not None:

@@ -75,10 +75,13 @@ class WorkerHandle:
     def heard(self) -> None:
         self.heard_at = time.monotonic()
 
+    def seconds_since_heard(self) -> float:
+        return time.monotonic() - self.heard_at
+
     def silent(self) -> bool:
         """Alive, maybe, but not heard from for SILENT_AFTER_S: no new work while others
         answer."""
-        return time.monotonic() - self.heard_at > SILENT_AFTER_S
+        return self.seconds_since_heard() > SILENT_AFTER_S
 
     def est_usage(self) -> float:
         """Estimated KV usage including reservations the stats do not show yet."""

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from engine.sampling_params import SamplingParams
-from router import core, worker_handle
+from router import core, wire, worker_handle
 from router.config import RouterConfig
 from router.core import Router
 from router.errors import NoWorkersError, OverloadedError, QueueFullError
@@ -381,7 +381,7 @@ def test_new_requests_pass_over_a_silent_worker(cluster: FakeCluster, mode: str,
         role = "decode" if mode == "disaggregated" else "colocated"
         kw = {"decode_workers": 2} if mode == "disaggregated" else {"workers": 2}
         router = await start(cluster, mode=mode, **kw)
-        frozen, _ = cluster.live(role)
+        frozen, heard = cluster.live(role)
         frozen.freeze()
         calls_before = len(frozen.calls)
         await asyncio.sleep(0.5)
@@ -391,6 +391,9 @@ def test_new_requests_pass_over_a_silent_worker(cluster: FakeCluster, mode: str,
                    for t, f in got)
         assert len(frozen.calls) == calls_before  # nothing new was sent its way
         assert not frozen.dead and len(cluster.actors) == len(router.registry.workers)
+        shown = {w.worker_id: w.seconds_since_heard
+                 for w in (wire.worker_info(h) for h in router.registry.workers.values())}
+        assert shown[frozen.worker_id] > 0.5 and shown[heard.worker_id] < 0.3  # pdserve info
         frozen.thaw()
         await settle(router, cluster)
         await router.shutdown()
