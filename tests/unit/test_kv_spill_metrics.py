@@ -21,7 +21,8 @@ ENGINE = EngineStats(num_running=1, num_waiting=0, num_free_blocks=10, num_usabl
 def handle(engine: EngineStats) -> Any:
     stats = WorkerStats(worker_id="prefill-0", role="prefill", engine=engine, steps=3)
     return SimpleNamespace(worker_id="prefill-0", role="prefill", alive=True, draining=False,
-                           node=None, stats=stats, kv_spec=None)
+                           node=None, stats=stats, kv_spec=None,
+                           seconds_since_heard=lambda: 0.5)
 
 
 def test_server_info_reports_the_pool_shape_and_the_spill_tier() -> None:
