@@ -150,7 +150,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # (S, vocab)
         rows = [
             SamplingRow(c.request.params, c.request.prompt_token_ids,
-                        c.request.output_token_ids, c.request.generator)
+                        c.request.penalized_output_token_ids, c.request.generator)
             for c in chunks if c.samples
         ]
         return self.sampler(logits, rows)

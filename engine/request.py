@@ -101,6 +101,14 @@ class Request:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def penalized_output_token_ids(self) -> list[int]:
+        """What presence and frequency penalties count as output: this placement's
+        tokens, and those an earlier placement generated (the prompt's last
+        ``params.resumed_output_tokens``)."""
+        start = max(0, self.num_prompt_tokens - self.params.resumed_output_tokens)
+        return self.token_ids[start:]
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 

@@ -58,6 +58,11 @@ class SamplingParams:
     logprobs: when set, return the sampled token's log-probability and this many top
         alternatives (0..20). Log-probabilities are of the model's raw distribution,
         before temperature and truncation.
+    resumed_output_tokens: set by the router, never by clients: how many of the
+        prompt's last tokens the model generated in an earlier placement of this
+        request (it moved to another worker, which continues from prompt + tokens so
+        far). Presence and frequency penalties count them as output, so the request
+        continues as it would have in place.
 
     Every float field must be a finite number (NaN and infinities are rejected), and
     ranges are checked as the fp32 sampler will see them.
@@ -77,6 +82,7 @@ class SamplingParams:
     max_tokens: int = 16
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples so params stay hashable and frozen.
@@ -92,7 +98,7 @@ class SamplingParams:
 
         for name in _FLOAT_FIELDS:
             _check_finite(name, getattr(self, name))
-        for name in ("top_k", "max_tokens"):
+        for name in ("top_k", "max_tokens", "resumed_output_tokens"):
             _check_int(name, getattr(self, name))
         t = self.temperature
         if t != 0.0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
@@ -113,6 +119,9 @@ class SamplingParams:
                 raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.max_tokens < 1:
             raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.resumed_output_tokens < 0:
+            raise bad("resumed_output_tokens", f"must be >= 0, got "
+                      f"{self.resumed_output_tokens}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:

@@ -127,8 +127,10 @@ class RouterRequest:
         return self.deadline - asyncio.get_running_loop().time()
 
     def next_chunk(self) -> tuple[list[int], SamplingParams]:
-        """Prompt + tokens so far, and what is left to generate (after a migration)."""
-        params = dataclasses.replace(self.params, max_tokens=self.remaining_tokens)
+        """Prompt + tokens so far, and what is left to generate (after a migration): the
+        tokens so far count as output for the penalties (resumed_output_tokens)."""
+        params = dataclasses.replace(self.params, max_tokens=self.remaining_tokens,
+                                     resumed_output_tokens=len(self.generated))
         return self.prompt_token_ids + self.generated, params
 
     # -- attempts: one placement on a worker at a time --------------------------------------
