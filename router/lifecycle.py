@@ -20,8 +20,9 @@ the call's own and the attempt's number), so whatever a worker still says about 
 earlier attempt is stale by construction, and a worker's memory of aborted ids never
 refuses a later attempt, nor a later call that reuses the client's request id.
 
-Attempts are bounded (MAX_PLACEMENTS) and every wait races the workers' lifelines and
-ends by the request's deadline, so nothing waits on a dead worker.
+Failed attempts are bounded (MAX_PLACEMENTS; preemptions are not failures, the deadline
+bounds those) and every wait races the workers' lifelines and ends by the request's
+deadline, so nothing waits on a dead worker.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ from router.request_state import AttemptEnd, Phase, RouterRequest
 from router.worker_handle import WorkerHandle, cause
 
 log = logging.getLogger(__name__)
-MAX_PLACEMENTS = 8  # attempts of one request (retries and migrations) before giving up
+# Failed attempts of one request (its worker died, its KV transfer failed) before it
+# fails. Preemptions do not count: they are load, not failure, and the deadline bounds
+# them (a request preempted again and again under KV pressure must not end INTERNAL).
+MAX_PLACEMENTS = 8
 
 
 class Lifecycle:
@@ -54,9 +58,12 @@ class Lifecycle:
     async def drive(self, rr: RouterRequest) -> None:
         """The request's owner task: runs until it is done, failed or cancelled."""
         last: Exception | None = None  # why the latest attempt had to be retried
+        failed = 0  # attempts that failed (MAX_PLACEMENTS bounds them)
         try:
             while not rr.done:
-                if rr.placements >= MAX_PLACEMENTS:
+                if failed >= MAX_PLACEMENTS:
+                    log.warning("request %s: %d attempts failed, giving up; the last: %s",
+                                rr.request_id, failed, last)
                     raise RequestFailedError(
                         f"request {rr.request_id} could not be placed after "
                         f"{MAX_PLACEMENTS} attempts; the last: {last}")
@@ -69,6 +76,7 @@ class Lifecycle:
                 except (WorkerLost, TransferFailed) as e:
                     log.info("request %s: %s; placing it again", rr.request_id, e)
                     last = e
+                    failed += 1
                     if rr.phase in (Phase.STARTING, Phase.DECODING):  # it had a decode
                         rr.events.migrations += 1  # worker, and moves to another
                     rr.phase = Phase.REPLACING

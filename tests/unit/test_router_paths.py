@@ -241,6 +241,26 @@ def test_migration_continues_token_identical_and_counts(cluster: FakeCluster) ->
     run(go())
 
 
+def test_preemptions_beyond_the_attempt_bound_do_not_fail_the_request(
+        cluster: FakeCluster) -> None:
+    """Under KV pressure a request may be preempted (migrated) again and again; that is
+    load, not failure: MAX_PLACEMENTS bounds failed attempts, the deadline the rest."""
+    async def go() -> None:
+        router = await start(cluster)
+        events = record_events(router)
+        decode = cluster.live("decode")[0]
+        task = asyncio.ensure_future(collect(router, params=LONG, request_id="p"))
+        for n in range(1, MAX_PLACEMENTS + 3):
+            await until(lambda n=n: f"p@{n}" in decode.running, f"decoding, attempt {n}")
+            decode.preempt(f"p@{n}")
+        toks, final = await task
+        assert toks == expected(PROMPT, 200) and final.finish_reason == "length"
+        assert events["p"].migrations == MAX_PLACEMENTS + 2
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_a_retry_is_logged_with_the_request_and_the_reason(
         cluster: FakeCluster, caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
