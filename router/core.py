@@ -112,7 +112,8 @@ class Router:
     ) -> AsyncIterator[StreamItem]:
         """Stream a request: Deltas, then one Final. Raises RouterError or
         InvalidRequestError (before or during the stream); closing the iterator aborts
-        the request. ``timeout_s`` (default: request_timeout_s) bounds every wait."""
+        the request. ``timeout_s`` (default: request_timeout_s) bounds every wait and the
+        request as a whole (router/lifecycle.py cuts an attempt off at the deadline)."""
         rr = self._admit(prompt_token_ids, params, request_id, timeout_s)
         rr.task = asyncio.get_running_loop().create_task(self.lifecycle.drive(rr))
         behind: Delta | Final | BaseException | None = None  # taken out by a merge

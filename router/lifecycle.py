@@ -37,7 +37,7 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 from messages import PrefillAborted, PrefillResult, PrefillTask
 from router.config import RouterConfig
 from router.errors import RequestFailedError, RouterError, TransferFailed, WorkerLost
-from router.placement import Placement
+from router.placement import DeadlineExceeded, Placement
 from router.request_state import AttemptEnd, Phase, RouterRequest
 from router.worker_handle import WorkerHandle, cause
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # fails. Preemptions do not count: they are load, not failure, and the deadline bounds
 # them (a request preempted again and again under KV pressure must not end INTERNAL).
 MAX_PLACEMENTS = 8
+DEADLINE_SLACK_S = 0.25  # past the deadline, before an attempt is cut off (see below)
 
 
 class Lifecycle:
@@ -72,7 +73,7 @@ class Lifecycle:
                 touched: set[WorkerHandle] = set()
                 self.attempts[aid] = rr
                 try:
-                    end = await self._attempt(rr, touched)
+                    end = await self._attempt_by_deadline(rr, touched)
                 except (WorkerLost, TransferFailed) as e:
                     log.info("request %s: %s; placing it again", rr.request_id, e)
                     last = e
@@ -103,6 +104,24 @@ class Lifecycle:
             why = cause(e) if isinstance(e, ray.exceptions.RayTaskError) else (
                 f"{type(e).__name__}: {e}")
             rr.fail(RequestFailedError(f"request {rr.request_id} failed: {why}"))
+
+    async def _attempt_by_deadline(self, rr: RouterRequest, touched: set[WorkerHandle]
+                                   ) -> AttemptEnd:
+        """The attempt, ended (cancelled, and DeadlineExceeded raised) at the request's
+        deadline: every wait inside ends by it, and so does decoding itself, or an HTTP
+        request (which has no client deadline) would run until max_tokens whatever
+        --request-timeout-s says."""
+        try:
+            # A moment's slack: a wait inside that runs out at the deadline says what it
+            # waited for (KV room, a worker) better than this can.
+            return await asyncio.wait_for(self._attempt(rr, touched),
+                                          rr.remaining_s() + DEADLINE_SLACK_S)
+        except TimeoutError as e:
+            if type(e) is not TimeoutError:  # a wait inside ran out first, and said so
+                raise
+            raise DeadlineExceeded(
+                f"request {rr.request_id} reached its deadline while {rr.phase.value} "
+                f"({len(rr.generated)} tokens generated)") from None
 
     async def _attempt(self, rr: RouterRequest, touched: set[WorkerHandle]) -> AttemptEnd:
         if self.config.mode == "colocated":

@@ -398,3 +398,18 @@ def test_new_requests_pass_over_a_silent_worker(cluster: FakeCluster, mode: str,
         await settle(router, cluster)
         await router.shutdown()
     run(go())
+
+
+def test_the_deadline_ends_a_request_that_is_still_decoding(cluster: FakeCluster) -> None:
+    """--request-timeout-s (or the call's deadline) bounds the whole request, decoding
+    included, not only its waits: an HTTP request has no client deadline, and would
+    otherwise run to max_tokens. It ends DeadlineExceeded and its KV comes back."""
+    async def go() -> None:
+        router = await start(cluster)
+        long = SamplingParams(temperature=0.0, max_tokens=8000, ignore_eos=True)
+        with pytest.raises(DeadlineExceeded, match="while decoding"):
+            await collect(router, params=long, timeout_s=0.5, request_id="t")
+        await settle(router, cluster)  # audits every pool
+        assert ("abort", "t@1") in cluster.live("decode")[0].calls
+        await router.shutdown()
+    run(go())
