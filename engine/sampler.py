@@ -15,8 +15,11 @@ happens, every returned id is in [0, V).
 
 Everything is batched over the rows that need it; Python loops run only over rows with
 their own generator (one uniform draw each) and over the results. A row's draw depends
-only on its own logits and its generator, so a seeded request gets the same tokens
-whatever else is in the batch.
+only on its own logits and its generator, so a seeded request draws the same numbers
+whatever else is in the batch. Its tokens are the same too as long as its logits are:
+the forward pass is not bit-identical across batch shapes (matmul tilings differ, ~1e-5
+in a logprob), so a draw landing within that of a boundary between two tokens -- like
+a greedy near-tie -- can pick the other one.
 
 The Sampler never modifies the caller's logits and holds no per-request state: the
 request owns its generator (created with ``manual_seed(seed)``) and passes it in each step.

@@ -47,7 +47,9 @@ class SamplingParams:
     top_k: keep the k most likely tokens; 0 (or -1) disables.
     top_p: keep the smallest set whose probability mass reaches top_p; 1 disables.
     min_p: drop tokens whose probability is below min_p * p(max); 0 disables.
-    seed: per-request seed; the same seed gives the same tokens whatever the batch.
+    seed: per-request seed; the same seed draws the same numbers whatever the batch
+        (the tokens match unless a draw lands within float noise of a token boundary:
+        see engine/sampler.py).
     repetition_penalty: HF/CTRL style, applied to tokens seen in prompt or output
         ([0.01, 100]; 1 disables). presence_penalty / frequency_penalty: OpenAI style, applied to
         tokens in the output (-2..2; 0 disables).
