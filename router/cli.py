@@ -37,6 +37,7 @@ from router.settings import Settings, add_serve_flags, settings_from_args
 log = logging.getLogger("pdserve")
 T = TypeVar("T")
 DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+STOPPED_BEFORE_UP = "stopped by a signal before the service was up"  # tests look for it
 WORKER_NICENESS = 0  # what Ray gives the workers when pdserve starts Ray (see init_ray)
 
 
@@ -150,7 +151,7 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
             print("serving; Ctrl-C to stop", flush=True)
             await stop.wait()
     except _Stopped:
-        log.info("stopped by a signal before the service was up")
+        log.info(STOPPED_BEFORE_UP)
     finally:
         await service.stop()
         ray.shutdown()
@@ -158,7 +159,7 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
 
 
 def _stopped_before_start(signum: int, frame: Any) -> None:
-    log.info("stopped by a signal before the service was up")
+    log.info(STOPPED_BEFORE_UP)
     raise SystemExit(0)
 
 

@@ -47,7 +47,7 @@ def version() -> str:  # read from disk once: GetServerInfo answers it on every 
 
 
 # A cancel this close to the call's deadline (as the server counts it) is the deadline.
-DEADLINE_SLACK_S = 1.0
+NEAR_DEADLINE_S = 1.0
 
 
 class Undecodable:
@@ -199,6 +199,6 @@ def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     cancel may come in before the server's own deadline: a cancel that close to the
     deadline is counted as the deadline."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+    if remaining is not None and remaining <= NEAR_DEADLINE_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED

@@ -130,7 +130,8 @@ class Placement:
         is as good a bet as any, and the request's deadline still bounds it)."""
         heard = []
         for h in live:
-            if not h.silent():
+            silent = h.silent()
+            if not silent:
                 heard.append(h)
                 self._silent_warned.discard(h.worker_id)
             elif h.worker_id not in self._silent_warned:

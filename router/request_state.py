@@ -100,7 +100,7 @@ class RouterRequest:
         self.worker: str | None = None  # decode/colocated worker holding it now
         self.prefill_worker: str | None = None  # while a prefill is in flight
         self.deadline = deadline  # loop time; every wait of this request ends by then
-        self.placements = 0  # placement attempts (retries and migrations), bounded
+        self.placements = 0  # placement attempts (retries and migrations): numbers attempt_id
         # Clients may reuse a request id once its call is over (a retry after a cancel or
         # a deadline), but workers refuse every id they were told to abort: the ids the
         # workers see carry a key of this call's own, so no two calls ever share one.

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from proto.pdserve.v1 import generation_pb2 as pb
-from router.grpc_servicer import DEADLINE_SLACK_S, GenerationServicer
+from router.grpc_servicer import NEAR_DEADLINE_S, GenerationServicer
 from router.metrics import Metrics
 from router.server_config import ServerConfig
 from tests.unit.router_fakes import FakeCluster
@@ -48,7 +48,7 @@ def counted(metrics: Metrics) -> dict[tuple[str, str], float]:
     ("close", None, "CANCELLED"),  # grpc found the handler at a yield
     ("cancel", None, "CANCELLED"),  # ...or awaiting the next token
     ("cancel", 30.0, "CANCELLED"),
-    ("close", DEADLINE_SLACK_S / 2, "DEADLINE_EXCEEDED"),
+    ("close", NEAR_DEADLINE_S / 2, "DEADLINE_EXCEEDED"),
     ("cancel", -0.01, "DEADLINE_EXCEEDED"),
 ])
 def test_how_a_cancelled_call_is_counted(cluster: FakeCluster, how: str,  # noqa: F811
