@@ -22,7 +22,8 @@ refuses a later attempt, nor a later call that reuses the client's request id.
 
 Failed attempts are bounded (MAX_PLACEMENTS; preemptions are not failures, the deadline
 bounds those) and every wait races the workers' lifelines and ends by the request's
-deadline, so nothing waits on a dead worker.
+deadline, as does the request itself, decoding included (_attempt_by_deadline), so
+nothing waits on a dead worker and nothing runs past its deadline.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class RouterRequest:
         self.cached_tokens = 0
         self.worker: str | None = None  # decode/colocated worker holding it now
         self.prefill_worker: str | None = None  # while a prefill is in flight
-        self.deadline = deadline  # loop time; every wait of this request ends by then
+        self.deadline = deadline  # loop time; every wait, and the request, ends by then
         self.placements = 0  # placement attempts (retries and migrations): numbers attempt_id
         # Clients may reuse a request id once its call is over (a retry after a cancel or
         # a deadline), but workers refuse every id they were told to abort: the ids the
