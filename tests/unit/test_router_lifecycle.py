@@ -400,16 +400,26 @@ def test_new_requests_pass_over_a_silent_worker(cluster: FakeCluster, mode: str,
     run(go())
 
 
-def test_the_deadline_ends_a_request_that_is_still_decoding(cluster: FakeCluster) -> None:
+@pytest.mark.parametrize("phase", [Phase.PREFILLING, Phase.STARTING, Phase.DECODING])
+def test_the_deadline_ends_a_request_that_is_still_decoding(cluster: FakeCluster,
+                                                            phase: Phase) -> None:
     """--request-timeout-s (or the call's deadline) bounds the whole request, decoding
     included, not only its waits: an HTTP request has no client deadline, and would
-    otherwise run to max_tokens. It ends DeadlineExceeded and its KV comes back."""
+    otherwise run to max_tokens. Cut off in any phase, it ends DeadlineExceeded and
+    every KV block comes back (settle audits the pools)."""
     async def go() -> None:
         router = await start(cluster)
+        prefill, decode = cluster.live("prefill")[0], cluster.live("decode")[0]
+        gate = {Phase.PREFILLING: prefill.prefill_gate,
+                Phase.STARTING: decode.start_gate}.get(phase)
+        if gate is not None:
+            gate.clear()  # the worker does not answer before the deadline
         long = SamplingParams(temperature=0.0, max_tokens=8000, ignore_eos=True)
-        with pytest.raises(DeadlineExceeded, match="while decoding"):
+        with pytest.raises(DeadlineExceeded, match=f"while {phase.value}"):
             await collect(router, params=long, timeout_s=0.5, request_id="t")
+        if gate is not None:
+            gate.set()
         await settle(router, cluster)  # audits every pool
-        assert ("abort", "t@1") in cluster.live("decode")[0].calls
+        assert ("abort", "t@1") in decode.calls
         await router.shutdown()
     run(go())
