@@ -24,11 +24,13 @@ class ColocatedWorker(StreamingWorker):
         super().__init__(config, engine)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        age_s: float = 0.0,
     ) -> None:
         """Queue a whole request; its tokens arrive on the stream. Nothing happens if
         the request was aborted before this call arrived."""
         self.tokens.bind()
         if request_id in self.aborted:
             return
-        await self._call(lambda e: e.add_request(prompt_token_ids, params, request_id))
+        await self._call(lambda e: e.add_request(prompt_token_ids, params, request_id,
+                                                 age_s=age_s))

@@ -14,8 +14,9 @@ Disaggregated lifecycle of one request on this worker::
 
 Who frees what: reserved blocks belong to the engine from ``reserve`` on; a failed
 ``start`` or an ``abort`` frees them; a finished request frees them in the engine.
-When the pool runs dry the engine preempts its youngest request and reports it as
-"migrated" (the router re-prefills it elsewhere): nothing is recomputed here.
+When the pool runs dry the engine preempts its youngest request (by age since the
+request reached the router: ``reserve`` is told it) and reports it as "migrated" (the
+router re-prefills it elsewhere): nothing is recomputed here.
 
 The worker is also its KV receiver's peer (kvtransfer.peer.KVPeer): a sender whose
 backend needs a handshake (nccl) reaches the receiver through ``kv_peer``.
@@ -59,7 +60,8 @@ class DecodeWorker(StreamingWorker):
         return self._endpoint
 
     async def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        age_s: float = 0.0,
     ) -> list[int] | None:
         """Blocks for the prompt's KV, or None if taking them would cross the watermark
         (or the request was aborted before this call arrived)."""
@@ -69,7 +71,7 @@ class DecodeWorker(StreamingWorker):
         watermark = int(self.config.watermark * self.engine.num_usable_blocks)
 
         def do(engine: LLMEngine) -> list[int] | None:
-            return engine.reserve(prompt_token_ids, params, request_id, watermark)
+            return engine.reserve(prompt_token_ids, params, request_id, watermark, age_s)
 
         blocks = await self._call(do)
         if blocks is not None:

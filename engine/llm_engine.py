@@ -123,16 +123,19 @@ class LLMEngine:
         request_id: str | None = None,
         *,
         hold_blocks: bool = False,
+        age_s: float = 0.0,
     ) -> str:
         """Queue a request. ``hold_blocks``: keep its KV blocks when it finishes, until
-        ``release(request_id)`` (prefill workers ship them first)."""
-        req = self._new_request(prompt, params, request_id)
+        ``release(request_id)`` (prefill workers ship them first). ``age_s``: how long
+        ago the request first arrived (the router's count; see Request.seniority)."""
+        req = self._new_request(prompt, params, request_id, age_s)
         req.hold_blocks = hold_blocks
         self.scheduler.add(req)
         return req.request_id
 
     def _new_request(
-        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
+        age_s: float = 0.0,
     ) -> Request:
         params = params or SamplingParams()
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
@@ -141,6 +144,7 @@ class LLMEngine:
         if rid in self.requests or rid in self.held:
             raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
         req = Request(rid, ids, params, self.eos_token_ids)
+        req.seniority -= max(age_s, 0.0)
         self.requests[rid] = req
         if self.tokenizer is not None and self.detokenize:
             self.detoks[rid] = IncrementalDetokenizer(
@@ -156,7 +160,7 @@ class LLMEngine:
 
     def reserve(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-        watermark_blocks: int = 0,
+        watermark_blocks: int = 0, age_s: float = 0.0,
     ) -> list[int] | None:
         """Allocate blocks for a prompt whose KV will be imported (decode workers).
 
@@ -164,6 +168,7 @@ class LLMEngine:
         ``watermark_blocks`` free (room kept for running requests to grow); raises
         InvalidRequestError for a prompt that would cross it even in an empty pool.
         The reservation is owned by the engine until ``start_prefilled`` or ``abort``.
+        ``age_s`` as in ``add_request``.
         """
         need = self.kv.num_blocks_needed(len(prompt_token_ids))
         room = self.pool.num_usable_blocks - watermark_blocks
@@ -171,7 +176,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 "prompt", f"needs {need} KV blocks; a decode worker takes prompts of at "
                 f"most {room} (its pool less its watermark)")
-        req = self._new_request(prompt_token_ids, params, request_id)
+        req = self._new_request(prompt_token_ids, params, request_id, age_s)
         if self.pool.num_free_blocks - need < watermark_blocks or not self.kv.allocate(
             req, len(prompt_token_ids)
         ):

@@ -81,6 +81,10 @@ class Request:
         # When the scheduler last gave it tokens (arrival until then): "shortest_first"
         # serves a request that has gone max_wait_s without any first.
         self.last_scheduled = self.times.arrival
+        # When the request first arrived anywhere (this engine's clock): a request
+        # placed again after a preemption or a worker's death elsewhere keeps its age,
+        # so it runs before, and is preempted after, requests younger than it.
+        self.seniority = self.times.arrival
         self.num_preemptions = 0
         self.logprobs: list[TokenLogprobs] = []
         self.stop_token_ids = frozenset(params.stop_token_ids)

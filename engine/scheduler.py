@@ -9,10 +9,12 @@ by ``SchedulerConfig.policy``:
 - "shortest_first" (engine/scheduler_shortest_first.py, prefill workers): fewest
   tokens left first, with a starvation bound of ``max_wait_s``.
 
-Both share the mechanics here. When the pool runs dry, the youngest running request
-not already in this step is preempted: its blocks are freed and it goes back to the
-front of the queue to be recomputed later (prompt + tokens so far; the prefix cache
-usually makes that cheap). Nothing is admitted in a step that preempted.
+Both share the mechanics here. Running requests are kept oldest first by
+``Request.seniority`` (when the request first arrived anywhere: one placed again after
+a preemption or a worker's death keeps its age). When the pool runs dry, the youngest
+running request not already in this step is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later (prompt + tokens so far; the
+prefix cache usually makes that cheap). Nothing is admitted in a step that preempted.
 
 The scheduler owns the running/waiting queues and the request statuses; the
 KVCacheManager owns the blocks. Time comes from an injectable clock (engine/clock.py).
@@ -20,6 +22,7 @@ KVCacheManager owns the blocks. Time comes from an injectable clock (engine/cloc
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from engine.clock import Clock, MonotonicClock
@@ -80,7 +83,7 @@ class Scheduler:
     def add_running(self, req: Request) -> None:
         """Join a request whose KV is already in its (allocated) blocks to the batch."""
         req.transition(RequestStatus.RUNNING)
-        self.running.append(req)
+        self._join_running(req)
 
     def migrate(self, req: Request) -> None:
         """Take a preempted request out of the queue for good (it continues elsewhere)."""
@@ -143,9 +146,14 @@ class Scheduler:
         if req.status is RequestStatus.WAITING:
             req.num_cached_tokens = hit.num_tokens
         req.transition(RequestStatus.RUNNING)
-        self.running.append(req)
+        self._join_running(req)
         out.chunks.append(ScheduledChunk.of(req, n))
         return n
+
+    def _join_running(self, req: Request) -> None:
+        # After every request at least as old: a re-placed request keeps its age, so
+        # the young ones that came after it are the first preemption victims, not it.
+        bisect.insort_right(self.running, req, key=lambda r: r.seniority)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

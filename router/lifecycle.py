@@ -196,7 +196,7 @@ class Lifecycle:
         try:
             rr.phase = Phase.DECODING
             try:
-                await w.generate(rr.attempt_id, tokens, params)
+                await w.generate(rr.attempt_id, tokens, params, rr.age_s())
             except ray.exceptions.RayTaskError as e:
                 raise RequestFailedError(f"generate failed: {cause(e)}") from None
             end = await w.call(ended)

@@ -78,7 +78,7 @@ class Placement:
                     d.fresh_blocks += est  # before awaiting, so concurrent picks spread out
                     touched.add(d)
                     try:
-                        blocks = await d.reserve(rr.attempt_id, tokens, params)
+                        blocks = await d.reserve(rr.attempt_id, tokens, params, rr.age_s())
                     except WorkerLost:
                         continue
                     finally:

@@ -126,6 +126,11 @@ class RouterRequest:
     def remaining_s(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
 
+    def age_s(self) -> float:
+        """Seconds since the request arrived: workers keep a re-placed request's age,
+        so it does not become the youngest, first preempted, request on its new one."""
+        return time.monotonic() - self.events.arrival
+
     def next_chunk(self) -> tuple[list[int], SamplingParams]:
         """Prompt + tokens so far, and what is left to generate (after a migration): the
         tokens so far count as output for the penalties (resumed_output_tokens)."""

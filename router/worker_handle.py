@@ -126,9 +126,9 @@ class WorkerHandle:
                 raise e.cause from None
             raise
 
-    async def reserve(self, request_id: str, tokens: list[int], params: SamplingParams
-                      ) -> list[int] | None:
-        return await self.call(self.actor.reserve.remote(request_id, tokens, params))
+    async def reserve(self, request_id: str, tokens: list[int], params: SamplingParams,
+                      age_s: float = 0.0) -> list[int] | None:
+        return await self.call(self.actor.reserve.remote(request_id, tokens, params, age_s))
 
     async def prefill(self, task: PrefillTask, decode: WorkerHandle) -> PrefillResult:
         """The prefill and the KV send to ``decode``, which must stay alive for it."""
@@ -141,9 +141,9 @@ class WorkerHandle:
         except ray.exceptions.RayTaskError as e:
             raise TransferFailed(f"KV import failed on {self.worker_id}: {cause(e)}") from None
 
-    async def generate(self, request_id: str, tokens: list[int], params: SamplingParams
-                       ) -> None:
-        await self.call(self.actor.generate.remote(request_id, tokens, params))
+    async def generate(self, request_id: str, tokens: list[int], params: SamplingParams,
+                       age_s: float = 0.0) -> None:
+        await self.call(self.actor.generate.remote(request_id, tokens, params, age_s))
 
     async def abort(self, request_id: str) -> None:
         """Drop the request on this worker, whatever it holds of it. Fire and forget in

@@ -130,9 +130,10 @@ class DecodeActor(_StreamingActor):
         return self._worker.endpoint()
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams) -> list[int] | None:
-        """Block ids for the prompt's KV, or None: no room above the watermark."""
-        return await self._worker.reserve(request_id, prompt_token_ids, params)
+                      params: SamplingParams, age_s: float = 0.0) -> list[int] | None:
+        """Block ids for the prompt's KV, or None: no room above the watermark.
+        ``age_s``: seconds since the request arrived at the router."""
+        return await self._worker.reserve(request_id, prompt_token_ids, params, age_s)
 
     async def start(self, request_id: str, first_token: int, handle: TransferHandle,
                     logprobs: TokenLogprobs | None = None, num_cached_tokens: int = 0) -> None:
@@ -158,10 +159,10 @@ class ColocatedActor(_StreamingActor):
         self._worker = ColocatedWorker(config)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> None:
+                       params: SamplingParams, age_s: float = 0.0) -> None:
         """Queue a whole request (prefill and decode here); tokens come on the stream
-        (stream_channel)."""
-        await self._worker.generate(request_id, prompt_token_ids, params)
+        (stream_channel). ``age_s``: seconds since the request arrived at the router."""
+        await self._worker.generate(request_id, prompt_token_ids, params, age_s)
 
     async def abort(self, request_id: str) -> bool:
         return await self._worker.abort(request_id)

@@ -114,6 +114,8 @@ class FakeActor:
     reserved_params: dict[str, Any] = field(default_factory=dict)
     # decode: the cached-token count each start was given (the engine reports it).
     started_cached: dict[str, int] = field(default_factory=dict)
+    # decode/colocated: the request's age each reserve/generate was given.
+    ages: dict[str, float] = field(default_factory=dict)
     start_delay_s: float = 0.0  # how long importing the KV takes
     pool_report: Any = None  # a PoolState its step batches carry (the real one: 1/s)
     stream_broken: bool = False  # the token stream fails while the actor lives on
@@ -258,9 +260,10 @@ class FakeActor:
         return here
 
     # -- decode --------------------------------------------------------------------------
-    async def _reserve(self, request_id: str, tokens: list[int], params: Any
-                       ) -> list[int] | None:
+    async def _reserve(self, request_id: str, tokens: list[int], params: Any,
+                       age_s: float = 0.0) -> list[int] | None:
         full, request_id = request_id, self._record("reserve", request_id)
+        self.ages[request_id] = age_s
         await self.reserve_gate.wait()
         if full in self.aborted:
             return None
@@ -288,8 +291,10 @@ class FakeActor:
         self.running[request_id] = {"seq": [*seq, first_token],
                                     "left": params.max_tokens - 1, "blocks": blocks}
 
-    async def _generate(self, request_id: str, tokens: list[int], params: Any) -> None:
+    async def _generate(self, request_id: str, tokens: list[int], params: Any,
+                        age_s: float = 0.0) -> None:
         full, request_id = request_id, self._record("generate", request_id)
+        self.ages[request_id] = age_s
         if full in self.aborted:
             return
         if self.fail_next_generate is not None:

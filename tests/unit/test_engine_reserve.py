@@ -41,3 +41,14 @@ def test_a_pool_short_for_now_answers_none(engine: LLMEngine) -> None:
     assert "b" not in engine.requests
     assert engine.abort("a")
     assert engine.pool.num_free_blocks == usable
+
+
+def test_a_reservation_keeps_the_age_the_router_gives(engine: LLMEngine) -> None:
+    engine.add_request([1, 2, 3], ONE, "here-now")
+    engine.reserve([4, 5, 6], ONE, "placed-again", 0, age_s=30.0)
+    now, again = engine.requests["here-now"], engine.requests["placed-again"]
+    assert again.seniority < now.seniority - 29.0  # older, though it came second
+    assert again.times.arrival >= now.times.arrival  # its timings here stay local
+    engine.abort("here-now")
+    engine.abort("placed-again")
+    assert engine.pool.num_free_blocks == engine.pool.num_usable_blocks

@@ -165,9 +165,9 @@ def test_abort_that_overtakes_its_reserve_leaks_nothing(cluster: FakeCluster) ->
         decode = cluster.live("decode")[0]
         real = decode._reserve
 
-        async def slow_reserve(rid, tokens, params):  # type: ignore[no-untyped-def]
+        async def slow_reserve(rid, tokens, params, age_s):  # type: ignore[no-untyped-def]
             await asyncio.sleep(0.05)  # the abort runs first
-            return await real(rid, tokens, params)
+            return await real(rid, tokens, params, age_s)
 
         decode._reserve = slow_reserve  # type: ignore[method-assign]
         task = asyncio.ensure_future(collect(router, request_id="r"))
@@ -421,5 +421,33 @@ def test_the_deadline_ends_a_request_that_is_still_decoding(cluster: FakeCluster
             gate.set()
         await settle(router, cluster)  # audits every pool
         assert ("abort", "t@1") in decode.calls
+        await router.shutdown()
+    run(go())
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_a_request_placed_again_tells_its_new_worker_its_age(cluster: FakeCluster,
+                                                             mode: str) -> None:
+    """After its worker dies, a request is placed on the replacement with its age since
+    arrival (the worker ranks it by that age, not as its newest request)."""
+    async def go() -> None:
+        role = "decode" if mode == "disaggregated" else "colocated"
+        router = await start(cluster, mode=mode, **({} if mode == "disaggregated"
+                                                    else {"workers": 1}))
+        first = cluster.live(role)[0]
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        task = asyncio.ensure_future(collect(router, params=params, request_id="r"))
+        await until(lambda: "r" in router.requests
+                    and len(router.requests["r"].generated) > 3)
+        await asyncio.sleep(0.05)
+        first.die()
+        toks, _final = await task
+        assert toks == expected(PROMPT, 200)
+        (second,) = cluster.live(role)
+        ((first_id, first_age),) = first.ages.items()
+        ((again_id, again_age),) = second.ages.items()
+        assert (first_id, again_id) == ("r@1", "r@2")
+        assert first_age < 0.05 <= again_age
+        await settle(router, cluster)
         await router.shutdown()
     run(go())

@@ -791,9 +791,9 @@ def test_room_freed_while_a_no_room_answer_is_on_its_way_is_not_missed(
         router, decode, first = await a_decoding_in_a_pool_of_one(cluster)
         real_reserve = decode._reserve
 
-        async def reserve_then_free(request_id: str, tokens: list[int], params: object
-                                    ) -> list[int] | None:
-            blocks = await real_reserve(request_id, tokens, params)
+        async def reserve_then_free(request_id: str, tokens: list[int], params: object,
+                                    age_s: float) -> list[int] | None:
+            blocks = await real_reserve(request_id, tokens, params, age_s)
             if blocks is None and request_id.startswith("b"):
                 await first  # a ends: its blocks are back, its last batch announced it
                 await router.placement.room_changed()  # and nobody was waiting yet

@@ -187,3 +187,28 @@ def test_shortest_first_preemption_spares_requests_already_in_the_step() -> None
     assert [c.request.request_id for c in out.chunks] == ["a"]
     assert out.preempted == [b] and b.status is RequestStatus.PREEMPTED
     assert a.status is RequestStatus.RUNNING and s.running == [a]
+
+
+def test_a_request_placed_again_keeps_its_age_and_is_not_the_first_victim() -> None:
+    # Same pool as above. "old" arrives after "young" on this worker but first arrived
+    # at the router long before it (a migration): it runs first and young is preempted.
+    s = make(num_blocks=5, budget=64, bs=4)
+    young, old = req("young", 8, 0), req("old", 8, 100)
+    old.seniority -= 60.0
+    s.add(young)
+    s.add(old)
+    assert [r for r, _, _ in run_step(s)] == ["young", "old"]  # admitted in queue order
+    assert s.running == [old, young]  # ... but ordered by age
+    out = s.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["old"]
+    assert out.preempted == [young]
+
+
+def test_requests_of_equal_age_keep_their_admission_order() -> None:
+    s = make(budget=64)
+    reqs = [req(f"r{i}", 2, 10 * i) for i in range(3)]
+    for r in reqs:
+        r.seniority = 5.0
+        s.add(r)
+    run_step(s)
+    assert s.running == reqs

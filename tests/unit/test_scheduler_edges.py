@@ -127,7 +127,8 @@ def test_seat_limit_counts_running_requests_under_shortest_first() -> None:
         s.add(req(f"r{i}", n, 10 * i))
     assert [r for r, _, _ in run_step(s)] == ["r2", "r1"]
     assert [r.request_id for r in s.waiting] == ["r0"]
-    assert run_step(s) == [("r2", 1, True), ("r1", 1, True)]  # still no seat for r0
+    # Still no seat for r0; a tie in length goes by running order, oldest first.
+    assert run_step(s) == [("r1", 1, True), ("r2", 1, True)]
 
 
 def test_fcfs_the_youngest_running_request_can_preempt_itself() -> None:
