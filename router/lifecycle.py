@@ -40,7 +40,7 @@ from router.config import RouterConfig
 from router.errors import RequestFailedError, RouterError, TransferFailed, WorkerLost
 from router.placement import DeadlineExceeded, Placement
 from router.request_state import AttemptEnd, Phase, RouterRequest
-from router.worker_handle import WorkerHandle, cause
+from router.worker_handle import WorkerHandle, cause, one_line
 
 log = logging.getLogger(__name__)
 # Failed attempts of one request (its worker died, its KV transfer failed) before it
@@ -102,8 +102,7 @@ class Lifecycle:
             log.exception("request %s failed", rr.request_id)
             # One line for the client: a worker's error comes with its remote traceback
             # (pids, addresses, paths), which belongs in the log, not in the answer.
-            why = cause(e) if isinstance(e, ray.exceptions.RayTaskError) else (
-                f"{type(e).__name__}: {e}")
+            why = cause(e) if isinstance(e, ray.exceptions.RayTaskError) else one_line(e)
             rr.fail(RequestFailedError(f"request {rr.request_id} failed: {why}"))
 
     async def _attempt_by_deadline(self, rr: RouterRequest, touched: set[WorkerHandle]

@@ -35,6 +35,12 @@ from runtime.token_channel import read_channel
 
 T = TypeVar("T")
 
+# The errors of a call whose worker process is gone: the actor died or is unreachable,
+# or Ray's memory monitor killed it (OutOfMemoryError is not a RayActorError). Its
+# requests are placed again, as after any worker death.
+WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError,
+               ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+
 SILENT_AFTER_S = 10.0  # ten missed heartbeats (runtime/streaming_worker.py HEARTBEAT_S)
 
 
@@ -116,8 +122,8 @@ class WorkerHandle:
                 raise WorkerLost(h.worker_id)
         try:
             return fut.result()
-        except ray.exceptions.RayActorError:
-            self.mark_lost()
+        except WORKER_GONE:
+            self.mark_lost()  # the registry kills what may be left of it, and replaces it
             raise WorkerLost(self.worker_id) from None
         except ray.exceptions.RayTaskError as e:
             # The request's own fault, found by the worker (say, a prompt that needs
@@ -172,5 +178,12 @@ class WorkerHandle:
 def cause(e: ray.exceptions.RayTaskError) -> str:
     """The worker-side exception of a failed call, as one line."""
     c = getattr(e, "cause", None)
-    return f"{type(c).__name__}: {c}" if c is not None else str(e).splitlines()[0]
+    return one_line(c) if c is not None else str(e).splitlines()[0]
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for a client: Ray's errors go on with node addresses,
+    pids and other processes' command lines, which belong in the log only."""
+    first = next(iter(str(e).splitlines()), "")
+    return f"{type(e).__name__}: {first}"
 

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 import pytest
+import ray
 
 from engine.sampling_params import SamplingParams
 from messages import PoolState, PrefillAborted, TokenEvent, TokenLogprobs
@@ -121,6 +122,41 @@ def test_colocated_generate_failure_fails_the_request(cluster: FakeCluster) -> N
         await settle(router, cluster)
         assert ("abort", "g@1") in w.calls
         assert len(cluster.actors) == 1  # the worker is fine: nobody replaced
+        await router.shutdown()
+    run(go())
+
+
+def test_a_worker_killed_for_memory_is_replaced_and_its_request_placed_again(
+        cluster: FakeCluster) -> None:
+    """Ray's memory monitor killing a worker surfaces as OutOfMemoryError (not a
+    RayActorError): a worker death like any other, and none of Ray's report (node
+    addresses, pids, command lines) reaches the client."""
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+        w = cluster.live("colocated")[0]
+        w.fail_next_generate = ray.exceptions.OutOfMemoryError(
+            "1 worker(s) were killed due to the node running low on memory.\n"
+            "Memory on the node (IP: 192.0.2.2, ID: abc) where the lease was running")
+        toks, final = await collect(router, request_id="o")
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        assert w.dead and len(cluster.live("colocated")) == 1  # replaced
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_an_unexpected_error_reaches_the_client_as_one_line(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        router = await start(cluster, mode="colocated", workers=1)
+
+        async def broken(*_a: object, **_k: object) -> None:
+            raise OSError("first line\nIP: 192.0.2.2, pid 4242, /home/someone/secret")
+
+        monkeypatch.setattr(router.placement, "colocated_worker", broken)
+        with pytest.raises(RequestFailedError) as e:
+            await collect(router, request_id="x")
+        assert str(e.value) == "request x failed: OSError: first line"
         await router.shutdown()
     run(go())
 
