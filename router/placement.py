@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 
+from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from router.config import RouterConfig
 from router.errors import QueueFullError, WorkerLost
@@ -74,6 +75,10 @@ class Placement:
                 live = self._heard(await self.registry.wait_live(
                     "decode", rr.deadline, rr.placements <= 1))
                 live.sort(key=lambda h: (h.est_usage(), len(h.requests)))
+                # A worker whose pool could never hold the request refuses it for good;
+                # pools differ (sized from the memory free when each worker started),
+                # so that is the request's fault only when every live worker refuses.
+                refused: list[InvalidRequestError] = []
                 for d in live:
                     d.fresh_blocks += est  # before awaiting, so concurrent picks spread out
                     touched.add(d)
@@ -81,12 +86,18 @@ class Placement:
                         blocks = await d.reserve(rr.attempt_id, tokens, params, rr.age_s())
                     except WorkerLost:
                         continue
+                    except InvalidRequestError as e:
+                        refused.append(e)
+                        touched.discard(d)
+                        continue
                     finally:
                         d.fresh_blocks -= est
                     if blocks is not None:
                         d.fresh_blocks += est  # until its next stats report counts them
                         return d, blocks
                     touched.discard(d)
+                if live and len(refused) == len(live):
+                    raise refused[0]
                 if not waiting:
                     if self.waiting >= self.config.max_queue:
                         raise QueueFullError(

@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from engine.config import ModelConfig
+from engine.errors import InvalidRequestError
 from engine.stats import EngineStats
 from engine.tokenizer import Tokenizer, load_tokenizer
 from engine.weights import load_model_config, resolve_model
@@ -105,6 +106,9 @@ class FakeActor:
     worker_id: str
     role: str
     num_blocks: int = 64
+    # decode: the most blocks a prompt may need (the engine refuses a bigger one for
+    # good, InvalidRequestError); None: any that the pool could hold.
+    max_prompt_blocks: int | None = None
     dead: bool = False
     pending: set[asyncio.Future[Any]] = field(default_factory=set)
     free_blocks: list[int] = field(default_factory=list)
@@ -267,7 +271,11 @@ class FakeActor:
         await self.reserve_gate.wait()
         if full in self.aborted:
             return None
-        blocks = self._take(-(-len(tokens) // 16))
+        need = -(-len(tokens) // 16)
+        if self.max_prompt_blocks is not None and need > self.max_prompt_blocks:
+            raise InvalidRequestError("prompt", f"needs {need} KV blocks; a decode worker "
+                                      f"takes prompts of at most {self.max_prompt_blocks}")
+        blocks = self._take(need)
         if blocks is not None:
             self.reserved[request_id] = blocks
             self.reserved_params[request_id] = params

@@ -90,8 +90,19 @@ async def settle(router: Router, cluster: FakeCluster) -> None:
 
 
 def run(coro):  # type: ignore[no-untyped-def]
-    # A bound on a test that hangs (a mutation run meets many): they take ~0.5 s.
-    return asyncio.run(asyncio.wait_for(coro, 20))
+    # A bound on a test that hangs (a mutation run meets many): they take ~0.5 s. A test
+    # that fails leaves the router's tasks behind; asyncio.run would wait for them
+    # without a bound once cancelled, so they get a few seconds and no more.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, 20))
+    finally:
+        left = asyncio.all_tasks(loop)
+        for t in left:
+            t.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=5))
+        loop.close()
 
 
 def test_disaggregated_tokens_and_blocks(cluster: FakeCluster) -> None:

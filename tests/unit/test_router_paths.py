@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import ray
 
+from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from messages import PoolState, PrefillAborted, TokenEvent, TokenLogprobs
 from messages.transfer import KVTransferError
@@ -839,4 +840,25 @@ def test_room_freed_while_a_no_room_answer_is_on_its_way_is_not_missed(
         toks, _ = await collect(router, request_id="b")
         assert toks == expected(PROMPT, 12)
         await end_in_a_pool_of_one(router, decode, cluster)
+    run(go())
+
+
+def test_a_prompt_one_decode_pool_can_never_hold_goes_to_one_that_can(
+        cluster: FakeCluster) -> None:
+    """Pools differ (each sized from the memory free when its worker started): a prompt
+    too big for one is the request's fault only when every decode worker refuses it."""
+    async def go() -> None:
+        router = await start(cluster, decode_workers=2)
+        small, big = cluster.live("decode")
+        small.max_prompt_blocks = 1
+        prompt = list(range(1, 40))  # 3 blocks of 16
+        for i in range(4):  # whichever worker placement tries first
+            toks, final = await collect(router, prompt=prompt, request_id=f"p{i}")
+            assert toks == expected(prompt, 12) and final.finish_reason == "length"
+        assert not any(m == "start" for m, _ in small.calls)
+        big.max_prompt_blocks = 2
+        with pytest.raises(InvalidRequestError, match="takes prompts of at most"):
+            await collect(router, prompt=prompt, request_id="nowhere")
+        await settle(router, cluster)
+        await router.shutdown()
     run(go())
