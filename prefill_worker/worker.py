@@ -95,8 +95,13 @@ class PrefillWorker(WorkerBase):
         handle: TransferHandle | None = None
         t0 = time.perf_counter()
         self._sending[rid] = send = _Send()
+        # An abort may have come between the step that finished the prompt and now: it
+        # was answered at once (nothing was being sent), so the router may already have
+        # freed the decode side's reservation, which a send (cuda-ipc writes in place)
+        # must then never touch.
+        send.aborted = rid in self.aborted
         try:
-            if not ends:
+            if not ends and not send.aborted:
                 handle = await self._send(task, blocks)
         finally:
             del self._sending[rid]

@@ -55,3 +55,7 @@ class KVSpecMismatch(RouterError):
     the deployment's other workers (dtype, block shape or scales): no KV could move
     between them, so it is refused -- at startup the whole start fails, later the worker
     is not admitted (router/kv_spec_gate.py)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed while it waited or ran (DEADLINE_EXCEEDED)."""

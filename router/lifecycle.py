@@ -35,10 +35,16 @@ import ray
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from messages import PrefillAborted, PrefillResult, PrefillTask
+from messages import KVTransferError, PrefillAborted, PrefillResult, PrefillTask
 from router.config import RouterConfig
-from router.errors import RequestFailedError, RouterError, TransferFailed, WorkerLost
-from router.placement import DeadlineExceeded, Placement
+from router.errors import (
+    DeadlineExceeded,
+    RequestFailedError,
+    RouterError,
+    TransferFailed,
+    WorkerLost,
+)
+from router.placement import Placement
 from router.request_state import AttemptEnd, Phase, RouterRequest
 from router.worker_handle import WorkerHandle, cause, one_line
 
@@ -171,6 +177,9 @@ class Lifecycle:
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, PrefillAborted):  # not by us: e.g. the worker drains
                 raise TransferFailed(f"prefill on {p.worker_id} was aborted") from None
+            if isinstance(e.cause, KVTransferError):  # the send failed: a transfer failure
+                raise TransferFailed(f"KV send from {p.worker_id} failed: {cause(e)}"
+                                     ) from None
             raise RequestFailedError(f"prefill failed: {cause(e)}") from None
         finally:
             p.load.outstanding_tokens -= len(tokens)

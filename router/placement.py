@@ -28,7 +28,7 @@ import logging
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from router.config import RouterConfig
-from router.errors import QueueFullError, WorkerLost
+from router.errors import DeadlineExceeded, QueueFullError, WorkerLost
 from router.request_state import RouterRequest
 from router.routing import block_hashes, pick_prefill
 from router.worker_handle import SILENT_AFTER_S, WorkerHandle
@@ -37,10 +37,6 @@ from router.worker_registry import WorkerRegistry
 log = logging.getLogger(__name__)
 
 ROOM_POLL_S = 1.0  # re-check for room this often even without a stream's notice
-
-
-class DeadlineExceeded(TimeoutError):
-    """The request's deadline passed while it waited (DEADLINE_EXCEEDED)."""
 
 
 class Placement:

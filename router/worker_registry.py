@@ -43,7 +43,7 @@ from typing import Any
 import ray
 
 from router.config import RouterConfig
-from router.errors import KVSpecMismatch, NoWorkersError
+from router.errors import DeadlineExceeded, KVSpecMismatch, NoWorkersError
 from router.gpu_pairs import GpuPairs, wants_pairs
 from router.kv_spec_gate import KVSpecGate
 from router.node_resources import demand, unplaceable_reason
@@ -282,6 +282,9 @@ class WorkerRegistry:
                     raise NoWorkersError(f"no {role} worker is alive: {why}")
                 left = until - loop.time()
                 if self._closing or not self.starting(role) or left <= 0:
+                    if left <= 0 and until == deadline:  # the request's own bound ran out
+                        raise DeadlineExceeded(f"reached its deadline while it waited for "
+                                               f"a {role} worker (none is alive yet)")
                     raise NoWorkersError(f"no {role} worker is alive"
                                          + (f": {why}" if why else ""))
                 with contextlib.suppress(TimeoutError):

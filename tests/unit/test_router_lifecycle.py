@@ -20,8 +20,7 @@ from engine.sampling_params import SamplingParams
 from router import core, wire, worker_handle
 from router.config import RouterConfig
 from router.core import Router
-from router.errors import NoWorkersError, OverloadedError, QueueFullError
-from router.placement import DeadlineExceeded
+from router.errors import DeadlineExceeded, NoWorkersError, OverloadedError, QueueFullError
 from router.request_state import Delta, Final, Phase
 from tests.unit.router_fakes import (
     FakeCluster,
@@ -316,6 +315,25 @@ def test_no_worker_and_none_coming_is_unavailable(cluster: FakeCluster,
         await until(lambda: not router.registry.live("decode"))
         with pytest.raises(NoWorkersError):
             await collect(router)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_deadline_that_ends_the_wait_for_a_worker_is_deadline_exceeded(
+        cluster: FakeCluster) -> None:
+    """While the only prefill worker is being replaced, a request whose deadline comes
+    before worker_wait_s ends DEADLINE_EXCEEDED (its own bound), not UNAVAILABLE."""
+    async def go() -> None:
+        router = await start(cluster)  # worker_wait_s 5
+        cluster.ready.clear()  # the replacement does not come up
+        cluster.live("prefill")[0].die()
+        await until(lambda: not router.registry.live("prefill"))
+        with pytest.raises(DeadlineExceeded, match="waited for a prefill worker"):
+            await collect(router, timeout_s=0.3)
+        cluster.ready.set()
+        toks, _ = await collect(router)  # the replacement is up: served
+        assert toks == expected(PROMPT, 12)
+        await settle(router, cluster)
         await router.shutdown()
     run(go())
 

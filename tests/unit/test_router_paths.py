@@ -486,6 +486,19 @@ def test_prefill_bookkeeping_while_in_flight_and_after(cluster: FakeCluster) -> 
     run(go())
 
 
+def test_a_failed_kv_send_on_the_prefill_side_is_placed_again(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        prefill = cluster.live("prefill")[0]
+        prefill.fail_next_prefill = KVTransferError("the send timed out")
+        toks, final = await collect(router, request_id="s")
+        assert toks == expected(PROMPT, 12) and final.finish_reason == "length"
+        assert [m for m, r in prefill.calls if r.startswith("s@")].count("prefill") == 2
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_prefill_failure_leaves_no_queued_tokens(cluster: FakeCluster) -> None:
     async def go() -> None:
         router = await start(cluster)
