@@ -76,8 +76,10 @@ class Router:
         asyncio.get_running_loop().create_task(self.placement.room_changed())
 
     def begin_shutdown(self) -> None:
-        """Refuse new requests from now on (running ones go on)."""
+        """Refuse new requests from now on (running ones go on); workers lost from
+        now on are not replaced."""
         self.admission.closing = True
+        self.registry.replacing_stopped = True
 
     async def shutdown(self, grace_s: float = 0.0) -> None:
         """Stop: new requests are refused, running ones get ``grace_s`` to finish, the

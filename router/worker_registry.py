@@ -79,6 +79,11 @@ class WorkerRegistry:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # Set when the service begins to shut down: a worker lost from then on is not
+        # replaced. Creating an actor waits on Ray's GCS, which a signal to the whole
+        # process group (systemd's stop, Ctrl-C) has already ended: the creation would
+        # block the event loop until Ray gives up on the GCS and ends the process.
+        self.replacing_stopped = False
         self._owns_ray = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -172,7 +177,9 @@ class WorkerRegistry:
         if self._closing:
             return
         node = f" on node {h.node.node_id[:12]} ({h.node.node_address})" if h.node else ""
-        log.warning("worker %s%s lost (%s); starting a replacement", h.worker_id, node, why)
+        then = "not replaced: shutting down" if self.replacing_stopped else (
+            "starting a replacement")
+        log.warning("worker %s%s lost (%s); %s", h.worker_id, node, why, then)
         self.start_replacement(h.role)
         self._spawn_task(self._count_loss(h))
         self._spawn_task(self._notify())
@@ -221,7 +228,10 @@ class WorkerRegistry:
 
     def start_replacement(self, role: str) -> None:
         """Start a worker of ``role`` in the background. It counts as starting from now
-        (through its retries too), so requests wait for it rather than fail."""
+        (through its retries too), so requests wait for it rather than fail. Nothing
+        once the service shuts down (``replacing_stopped``)."""
+        if self.replacing_stopped:
+            return
         self._replacing[role] = self._replacing.get(role, 0) + 1
         self._spawn_task(self._replace(role))
 

@@ -354,6 +354,27 @@ def test_drain_moves_streams_to_the_replacement(cluster: FakeCluster) -> None:
     run(go())
 
 
+def test_a_worker_lost_during_shutdown_is_not_replaced(cluster: FakeCluster) -> None:
+    """Starting an actor needs Ray's GCS, which a signal to the whole process group has
+    already ended; the grace period goes on with the workers left."""
+    async def go() -> None:
+        router = await start(cluster, prefill_workers=2)
+        params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+        task = asyncio.ensure_future(collect(router, params=params, request_id="g"))
+        await until(lambda: "g" in router.requests
+                    and len(router.requests["g"].generated) > 2)
+        stopping = asyncio.ensure_future(router.shutdown(grace_s=10.0))
+        await until(lambda: router.admission.closing)
+        made = len(cluster.actors)
+        cluster.live("prefill")[0].die()
+        await until(lambda: len(router.registry.live("prefill")) == 1)
+        toks, final = await task  # the grace period lets it finish
+        assert toks == expected(PROMPT, 300) and final.finish_reason == "length"
+        await stopping
+        assert len(cluster.actors) == made  # nothing new was started
+    run(go())
+
+
 def test_shutdown_ends_even_if_a_frozen_worker_never_answers_its_aborts(
         cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker stopped (SIGSTOP, a hung driver) is not dead: it would never answer the
