@@ -315,7 +315,11 @@ class StatsPoller:
 
     async def _poll(self, h: WorkerHandle) -> None:
         # A dead or busy worker keeps its last stats; liveness is the worker registry's
-        # business (lifelines), never a slow answer here.
+        # business (lifelines), never a slow answer here. Stats wait for a step boundary,
+        # which a long prompt's prefill step can keep away for many seconds: the ping
+        # (answered on the actor's own loop) is what tells a busy worker from a frozen
+        # one, whose requests placement would otherwise pass over.
         with contextlib.suppress(Exception):
-            h.stats = await asyncio.wait_for(h.fetch_stats(), timeout=self.interval_s)
+            await asyncio.wait_for(h.ping(), timeout=self.interval_s)
             h.heard()
+            h.stats = await asyncio.wait_for(h.fetch_stats(), timeout=self.interval_s)

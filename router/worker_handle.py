@@ -168,6 +168,11 @@ class WorkerHandle:
             async for batch in batches:
                 yield batch
 
+    async def ping(self) -> None:
+        """Answered on the worker's event loop, not between engine steps: the process
+        is not frozen, however long its current step."""
+        await self.call(self.actor.ping.remote())
+
     async def fetch_stats(self) -> WorkerStats:
         return await self.call(self.actor.stats.remote())
 

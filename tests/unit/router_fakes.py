@@ -134,6 +134,10 @@ class FakeActor:
     prefill_gate: asyncio.Event = field(default_factory=asyncio.Event)
     start_gate: asyncio.Event = field(default_factory=asyncio.Event)
     abort_gate: asyncio.Event = field(default_factory=asyncio.Event)  # held: abort pends
+    # Held: the engine is in one long step (a long prompt's prefill on CPU), so calls
+    # that wait for a step boundary (stats) pend; the actor's own loop still answers.
+    engine_idle: asyncio.Event = field(default_factory=asyncio.Event)
+    thawed: asyncio.Event = field(default_factory=asyncio.Event)  # held: frozen, see freeze
     fail_next_start: bool = False
     frozen: bool = False  # freeze(): no steps, heartbeats or answers
     ready: asyncio.Event | None = None  # held: the actor is still starting (no ping back)
@@ -151,6 +155,8 @@ class FakeActor:
         self.prefill_gate.set()
         self.start_gate.set()
         self.abort_gate.set()
+        self.engine_idle.set()
+        self.thawed.set()
         self._ticker: asyncio.Task[None] | None = None
         self._full_ids: dict[str, str] = {}  # short_id -> the id the router sent
         self._channel: TokenChannelServer | None = None
@@ -228,6 +234,7 @@ class FakeActor:
     async def _ping(self) -> str:
         if self.ready is not None:
             await self.ready.wait()
+        await self.thawed.wait()
         return self.worker_id
 
     async def _node(self) -> NodeInfo:
@@ -243,6 +250,8 @@ class FakeActor:
         return Endpoint("fake", self.worker_id, self.kv_layout, None)
 
     async def _stats(self) -> WorkerStats:
+        await self.thawed.wait()
+        await self.engine_idle.wait()
         free = len(self.free_blocks)
         eng = EngineStats(len(self.running), 0, free, self.num_blocks,
                           1 - free / self.num_blocks, 0, 0, 0)
@@ -315,12 +324,14 @@ class FakeActor:
     def freeze(self) -> None:
         """SIGSTOP: alive to Ray, but no step, heartbeat or answer until ``thaw``."""
         self.frozen = True
-        for gate in (self.reserve_gate, self.prefill_gate, self.start_gate, self.abort_gate):
+        for gate in (self.reserve_gate, self.prefill_gate, self.start_gate, self.abort_gate,
+                     self.thawed):
             gate.clear()
 
     def thaw(self) -> None:
         self.frozen = False
-        for gate in (self.reserve_gate, self.prefill_gate, self.start_gate, self.abort_gate):
+        for gate in (self.reserve_gate, self.prefill_gate, self.start_gate, self.abort_gate,
+                     self.thawed):
             gate.set()
 
     def break_stream(self) -> None:

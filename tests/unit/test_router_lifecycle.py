@@ -21,6 +21,7 @@ from router import core, wire, worker_handle
 from router.config import RouterConfig
 from router.core import Router
 from router.errors import DeadlineExceeded, NoWorkersError, OverloadedError, QueueFullError
+from router.metrics import StatsPoller
 from router.request_state import Delta, Final, Phase
 from tests.unit.router_fakes import (
     FakeCluster,
@@ -499,5 +500,27 @@ def test_a_request_placed_again_tells_its_new_worker_its_age(cluster: FakeCluste
         assert (first_id, again_id) == ("r@1", "r@2")
         assert first_age < 0.05 <= again_age
         await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_a_prefill_worker_busy_in_a_long_step_is_heard_but_a_frozen_one_is_not(
+        cluster: FakeCluster) -> None:
+    """Prefill workers have no token stream: the stats poller is what hears them. Stats
+    wait for a step boundary, which a long prompt keeps away; the poller's ping does not,
+    so a busy worker is not taken for a frozen one (and passed over)."""
+    async def go() -> None:
+        router = await start(cluster, prefill_workers=2)
+        busy, frozen = cluster.live("prefill")
+        hb, hf = (router.registry.workers[a.worker_id] for a in (busy, frozen))
+        poller = StatsPoller(router, interval_s=0.1)
+        busy.engine_idle.clear()
+        frozen.freeze()
+        hb.heard_at = hf.heard_at = hb.heard_at - 60.0  # neither heard for a minute
+        await asyncio.gather(poller._poll(hb), poller._poll(hf))
+        assert hb.seconds_since_heard() < 1.0 and not hb.silent()
+        assert hf.seconds_since_heard() >= 60.0 and hf.silent()
+        busy.engine_idle.set()
+        frozen.thaw()
         await router.shutdown()
     run(go())
