@@ -32,7 +32,7 @@ from engine.validation import validate_prompt
 from engine.weights import load_model_config, resolve_model
 from router.admission import Admission
 from router.config import RouterConfig
-from router.errors import QueueFullError
+from router.errors import NoWorkersError, QueueFullError
 from router.lifecycle import Lifecycle
 from router.placement import Placement
 from router.request_state import Delta, Final, RouterRequest
@@ -176,14 +176,21 @@ class Router:
     # -- workers -------------------------------------------------------------------------
     async def drain(self, worker_id: str) -> int:
         """Take a worker out of rotation: start its replacement, stop it, and let its
-        requests continue elsewhere -- on the other workers of its role, or on the
-        replacement once it is up (token-identical for greedy requests). Returns how
-        many requests it was serving."""
+        requests continue elsewhere -- on the other workers of its role, or, when it is
+        the last of its role, on the replacement: it keeps serving until that is up
+        (token-identical for greedy requests). Returns how many requests it was
+        serving. NoWorkersError, and the worker kept, if it is the last of its role and
+        no replacement came up within worker_wait_s."""
         h = self.registry.workers.get(worker_id)
-        if h is None:
+        if h is None or h.draining:
             raise InvalidRequestError("worker_id", f"no live worker {worker_id!r}")
-        h.draining = True
+        last = not any(w is not h for w in self.registry.live(h.role))
         self.registry.start_replacement(h.role)
+        if last and not await self.registry.wait_for_another(
+                h.role, h, self.config.worker_wait_s):
+            raise NoWorkersError(f"{worker_id} is the last {h.role} worker and no "
+                                 "replacement came up: it keeps serving")
+        h.draining = True
         moved = len(h.requests)
         # Its attempts end as if it had died: each request is placed again with prompt +
         # tokens so far; reservations and prefills under way there are sent elsewhere.

@@ -300,6 +300,21 @@ class WorkerRegistry:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=left)
 
+    async def wait_for_another(self, role: str, h: WorkerHandle, timeout_s: float) -> bool:
+        """Whether a worker of ``role`` other than ``h`` takes requests within
+        ``timeout_s`` (a replacement coming up); False as soon as none is on its way."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        async with self._changed:
+            while True:
+                if any(w is not h for w in self.live(role)):
+                    return True
+                left = until - loop.time()
+                if left <= 0 or self._closing or not self.starting(role):
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+
     def why_not_placeable(self, role: str) -> str | None:
         """Why a worker of ``role`` cannot come up as things stand (no alive node can
         host it, or its last replacement was refused), else None."""

@@ -355,6 +355,48 @@ def test_drain_moves_streams_to_the_replacement(cluster: FakeCluster) -> None:
     run(go())
 
 
+def test_draining_the_last_worker_of_a_role_keeps_it_serving_until_its_replacement_is_up(
+        cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+        tasks = [asyncio.ensure_future(collect(router, params=params)) for _ in range(2)]
+        await until(lambda: sum(len(r.generated) > 2 for r in router.requests.values()) == 2)
+        old = cluster.live("decode")[0]
+        cluster.ready.clear()  # the replacement takes its time to load
+        draining = asyncio.ensure_future(router.drain(old.worker_id))
+        await until(lambda: len(cluster.actors) == 3, "the replacement started")
+        await asyncio.sleep(0.1)
+        assert not draining.done()
+        assert [h.worker_id for h in router.registry.live("decode")] == [old.worker_id]
+        late = asyncio.ensure_future(collect(router, params=PARAMS))  # still served by it
+        cluster.ready.set()
+        assert await draining in (2, 3)  # the late one may have finished by then
+        for toks, final in await asyncio.gather(*tasks):
+            assert toks == expected(PROMPT, 300) and final.finish_reason == "length"
+        assert (await late)[0] == expected(PROMPT, 12)
+        assert old.dead and len(cluster.live("decode")) == 1
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
+def test_draining_the_last_worker_of_a_role_without_a_replacement_keeps_it(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        monkeypatch.setattr(router.registry, "start_replacement", lambda role: None)
+        old = cluster.live("decode")[0]
+        with pytest.raises(NoWorkersError, match="keeps serving"):
+            await router.drain(old.worker_id)
+        assert not old.dead and router.registry.live("decode")
+        toks, _ = await collect(router)
+        assert toks == expected(PROMPT, 12)
+        await settle(router, cluster)
+        await router.shutdown()
+    run(go())
+
+
 def test_a_worker_lost_during_shutdown_is_not_replaced(cluster: FakeCluster) -> None:
     """Starting an actor needs Ray's GCS, which a signal to the whole process group has
     already ended; the grace period goes on with the workers left."""
