@@ -9,8 +9,9 @@
 #       cluster/start-cluster.sh serve --model /models/Llama-3.1-8B-Instruct \
 #           --prefill-workers 2 --decode-workers 2 --gpus-per-worker 1 \
 #           --tls-cert cert.pem --tls-key key.pem      # and PDSERVE_API_KEY in the environment
-#   cluster/start-cluster.sh stop                  on any node: stop pdserve (SIGTERM: it drains)
-#                                          and Ray there
+#   cluster/start-cluster.sh stop                  on each node: Ray there, and first pdserve if
+#                                          this node's `serve` runs it (SIGTERM: it drains). A
+#                                          whole cluster: pdserve (Ctrl-C), the workers, the head
 #
 # Every node needs the same Python environment with pdserve[serve] installed (same path,
 # same Ray version: Ray's metrics need ray[default], which pdserve[serve] brings), the model
@@ -25,7 +26,8 @@
 #                               writes the metrics discovery file and accepts Ray jobs (code
 #                               execution): keep it on loopback, reach it with ssh -L
 #   RAY_TEMP_DIR (Ray's /tmp/ray)   this node's Ray directory (sessions, logs, the discovery
-#                               file); when set, `stop` ends only the processes under it, so
+#                               file, `serve`'s pid file); when set, `stop` ends only the
+#                               processes under it and the node's Ray client server, so
 #                               several nodes can share one machine (docs/operations.md)
 #   RAY_ADDRESS (the head's)    the cluster `serve` joins: HEAD_IP:RAY_PORT; by default the
 #                               one `head` started under RAY_TEMP_DIR on this machine
@@ -87,13 +89,30 @@ stop_pdserve() {
   rm -f "$pid_file"
 }
 
-# The processes whose command line names $RAY_TEMP_DIR (GCS, raylet, dashboard, monitors)
-# and all their descendants (agents and workers rename themselves, so only their parent
-# shows). The directory reaches awk through its environment: an argument would match awk.
+# The processes whose command line names $RAY_TEMP_DIR (GCS, raylet, dashboard, monitors),
+# the head's Ray client server (`python -m ray.util.client.server --address=GCS --port=...`,
+# an orphan whose command line names not the directory but its node's id, which the raylet's
+# does), and all their descendants (agents and workers rename themselves, so only their
+# parent shows). The directory reaches awk through its environment: an argument would match
+# awk. Another Ray node here, even of the same cluster, has another node id.
 ray_processes_under() {
   ps -eo pid=,ppid=,args= | DIR="$RAY_TEMP_DIR/" awk '
-    { pid[NR] = $1; ppid[NR] = $2; if (index($0, ENVIRON["DIR"]) > 0) mine[$1] = 1 }
+    {
+      pid[NR] = $1; ppid[NR] = $2; args[NR] = $0
+      if (index($0, ENVIRON["DIR"]) > 0) {
+        mine[$1] = 1
+        s = $0  # the raylet: --node_id=ID
+        while (match(s, /--node[-_]id=[0-9a-f]+/)) {
+          node[substr(s, RSTART + 10, RLENGTH - 10)] = 1
+          s = substr(s, RSTART + RLENGTH)
+        }
+      }
+    }
     END {
+      for (i = 1; i <= NR; i++)
+        if (index(args[i], "ray.util.client.server") > 0)
+          for (id in node)
+            if (index(args[i] " ", "--node-id=" id " ") > 0) mine[pid[i]] = 1
       do {
         grown = 0
         for (i = 1; i <= NR; i++)

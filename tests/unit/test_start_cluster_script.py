@@ -1,7 +1,7 @@
 """cluster/start-cluster.sh without Ray: what it hands to `ray start` and `pdserve serve`
 (a recording `ray` and `pdserve` on PATH), and that `stop` with RAY_TEMP_DIR ends the
-processes under that directory and their children, and nothing else. The real thing,
-with Ray, is tests/e2e/test_start_cluster.py (slow tier)."""
+processes under that directory, the node's Ray client server and their children, and
+nothing else. The real thing, with Ray, is tests/e2e/test_start_cluster.py (slow tier)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,36 @@ def test_stop_with_a_temp_dir_ends_only_its_processes(tmp_path: Path) -> None:
         assert _recorded(tmp_path, "ray") == []  # never a machine-wide `ray stop`
     finally:
         for p in (mine, other):
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(10)
+
+
+def _named(argv: str) -> subprocess.Popen[bytes]:
+    """A process whose command line reads `argv` (one that does not name any temp dir)."""
+    return subprocess.Popen(["bash", "-c", f"exec -a '{argv}' sleep 300"],
+                            start_new_session=True)
+
+
+def test_stop_with_a_temp_dir_ends_its_nodes_ray_client_server(tmp_path: Path) -> None:
+    """`ray start --head` leaves `python -m ray.util.client.server` an orphan whose command
+    line names the GCS address and its node's id, not the temp dir: `stop` finds it by the
+    node id the raylet under the directory names, and leaves another node's alone."""
+    mine_dir, mine_id, other_id = tmp_path / "head", "ab12" * 14, "cd34" * 14
+    raylet = _spawn(tmp_path, f"{mine_dir}/session_x/sockets/raylet --node_id={mine_id}")
+    client = "python -m ray.util.client.server --address=10.0.0.1:6391 --port=10391"
+    mine = _named(f"{client} --mode=proxy --node-id={mine_id}")
+    other = _named(f"{client} --mode=proxy --node-id={other_id}")
+    # An id that merely starts with this node's is another node's.
+    longer = _named(f"{client} --mode=proxy --node-id={mine_id}ef")
+    try:
+        time.sleep(0.3)
+        r = _run(tmp_path, "stop", RAY_TEMP_DIR=str(mine_dir), RAY_STOP_GRACE_S="5")
+        assert r.returncode == 0, r.stderr
+        assert raylet.wait(10) is not None and mine.wait(10) == -15
+        assert other.poll() is None and longer.poll() is None
+    finally:
+        for p in (raylet, mine, other, longer):
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait(10)
