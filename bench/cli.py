@@ -20,6 +20,8 @@
     pdserve bench soak [--duration 1800] [--rate 2] [--malloc-arena-max N]
         a long mixed workload against a server it starts, sampling every process's RSS,
         KV blocks by owner and latency every 15 s; writes soak.json and soak-rss.png
+    pdserve bench overhead [--runs 3] [--streams 32] [--out bench/results/overhead-cpu.json]
+        the service path's cost against offline (bench/overhead.py)
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ prompt's first token is not held up by the long prompt's chunk the engine is bus
 Who frees what: the blocks are released only after ``send`` returned, i.e. once the
 backend no longer needs them (see kvtransfer.base); an abort or a failed send releases
 them too (an abort that arrives during the send is applied when the send returns, so
-blocks are never reused while being read). Full blocks stay in the pool as evictable
-prefix cache.
+blocks are never reused while being read; one that arrives after the prompt's last step
+but before its send stops the send). Full blocks stay in the pool as evictable prefix
+cache.
 """
 
 from __future__ import annotations

@@ -1,13 +1,19 @@
 """Admission: what the router accepts before it spends anything on a request.
 
-Three checks, cheapest first, each failing fast with its own status:
-- the service is draining for shutdown -> ShuttingDownError (UNAVAILABLE);
-- the prompt is too large -> InvalidRequestError (INVALID_ARGUMENT), checked on the raw
-  bytes before tokenizing, and on the token ids before anything is placed;
-- the deployment is at its in-flight bound -> OverloadedError (RESOURCE_EXHAUSTED, with
-  a retry hint). The bound is what keeps a burst from queueing thousands of calls on a
-  worker actor: beyond it callers are told to come back, which is cheap and honest,
-  instead of waiting until their deadlines pass.
+The checks here, each failing fast with its own status:
+- check_prompt_bytes: the prompt text is over max_prompt_bytes -> InvalidRequestError
+  (INVALID_ARGUMENT). Router.encode / encode_chat call it before tokenizing, so a huge
+  prompt costs nothing.
+- check_open: the service is draining for shutdown -> ShuttingDownError (UNAVAILABLE).
+- admit(): that, then the deployment at its in-flight bound -> OverloadedError
+  (RESOURCE_EXHAUSTED, with a retry hint). The bound is what keeps a burst from
+  queueing thousands of calls on a worker actor: beyond it callers are told to come
+  back, which is cheap and honest, instead of waiting until their deadlines pass.
+
+Router._admit runs, in order: the prompt's own checks (engine/validation.py:
+vocabulary, context -> INVALID_ARGUMENT), a request id already in flight
+(INVALID_ARGUMENT), check_open, the KV wait queue at max_queue (QueueFullError,
+RESOURCE_EXHAUSTED), then admit().
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ class Admission:
                 "prompt", f"the prompt is {nbytes} bytes; the limit is "
                 f"{self.max_prompt_bytes} (RouterConfig.max_prompt_bytes)")
 
-    def admit(self) -> None:
-        """Take one in-flight slot, or refuse; release() gives it back."""
+    def check_open(self) -> None:
         if self.closing:
             raise ShuttingDownError("the server is shutting down")
+
+    def admit(self) -> None:
+        """Take one in-flight slot, or refuse; release() gives it back."""
+        self.check_open()
         if self.inflight >= self.limit:
             self.refused += 1
             raise OverloadedError(

@@ -152,6 +152,7 @@ class Router:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+        self.admission.check_open()  # a server shutting down says so, whatever its load
         if self.placement.waiting >= self.config.max_queue:  # they would wait too
             raise QueueFullError(f"{self.placement.waiting} requests already wait for KV "
                                  f"room (max_queue={self.config.max_queue})")

@@ -120,8 +120,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="what every worker's KV cache stores (engine.cache.kv_cache_dtype): "
                         "auto = the model dtype; int8 (CPU, GPU) or fp8 (GPUs with fp8) "
-                        "quantize it with per-token scales, ~4x / 2x the blocks per GiB "
-                        "(default: auto)")
+                        "quantize it with per-token scales: 3.76x the blocks per GiB of "
+                        "fp32 (CPU), 1.88x of bf16 (GPU), at head_dim 64 (default: auto)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    default=None,
                    help="turn the prefix cache off on every worker (engine.cache."

@@ -20,7 +20,13 @@ from engine.sampling_params import SamplingParams
 from router import core, wire, worker_handle
 from router.config import RouterConfig
 from router.core import Router
-from router.errors import DeadlineExceeded, NoWorkersError, OverloadedError, QueueFullError
+from router.errors import (
+    DeadlineExceeded,
+    NoWorkersError,
+    OverloadedError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from router.metrics import StatsPoller
 from router.request_state import Delta, Final, Phase
 from tests.unit.router_fakes import (
@@ -564,5 +570,19 @@ def test_a_prefill_worker_busy_in_a_long_step_is_heard_but_a_frozen_one_is_not(
         assert hf.seconds_since_heard() >= 60.0 and hf.silent()
         busy.engine_idle.set()
         frozen.thaw()
+        await router.shutdown()
+    run(go())
+
+
+def test_a_server_shutting_down_says_so_whatever_its_kv_queue(cluster: FakeCluster) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        router.placement.waiting = router.config.max_queue  # the KV wait queue is full
+        with pytest.raises(QueueFullError):
+            await collect(router)
+        router.begin_shutdown()
+        with pytest.raises(ShuttingDownError):
+            await collect(router)
+        router.placement.waiting = 0
         await router.shutdown()
     run(go())

@@ -69,7 +69,9 @@ class GenerationServicer(object):
     def DrainWorker(self, request, context):
         """Takes one worker out of rotation (the operation behind a rolling restart): a
         replacement starts, the worker's requests continue elsewhere (re-prefilled with
-        their tokens so far; greedy ones stay token-identical), then it stops.
+        their tokens so far; greedy ones stay token-identical), then it stops. The last
+        worker of its role keeps serving until its replacement is up (the call returns
+        then); UNAVAILABLE, and the worker kept, if none comes up in worker_wait_s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
