@@ -27,8 +27,13 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | 
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_key: str) -> None:
+    """``on_refused(method)``: called for each call refused (the server counts refused
+    Generate calls in pdserve_requests_total, which no handler of theirs ever sees)."""
+
+    def __init__(self, api_key: str, on_refused: Callable[[str], None] | None = None
+                 ) -> None:
         self._key = api_key.encode()
+        self._on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -43,6 +48,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if token is not None and hmac.compare_digest(token.encode(), self._key):
             return handler
         reason = "missing" if token is None else "invalid"
+        if self._on_refused is not None:
+            self._on_refused(details.method)
         return _rejecting(handler, AuthError(f"{reason} API key: send the metadata "
                                              "'authorization: Bearer <key>'"))
 

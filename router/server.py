@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -88,7 +89,8 @@ class GrpcServer:
                 # RESOURCE_EXHAUSTED with a retry hint instead.
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                 ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)]
-        interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+        interceptors = [ApiKeyInterceptor(config.api_key, _counting_refusals(metrics))
+                        ] if config.api_key else []
         self.server = grpc.aio.server(interceptors=interceptors, options=opts)
         self.servicer = GenerationServicer(router, config, metrics)
         self.servicer.register(self.server)
@@ -130,3 +132,13 @@ class GrpcServer:
             self._health_task.cancel()
         await self.health_servicer.enter_graceful_shutdown()
         await self.server.stop(FLUSH_GRACE_S)
+
+
+def _counting_refusals(metrics: Metrics) -> Callable[[str], None]:
+    """Counts a Generate call the API key check refused, as the handler would have."""
+    generate = f"/{SERVICE_NAME}/Generate"
+
+    def refused(method: str) -> None:
+        if method == generate:
+            metrics.count_request("error", grpc.StatusCode.UNAUTHENTICATED.name)
+    return refused

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from proto.pdserve.v1 import generation_pb2 as pb
 from proto.pdserve.v1 import generation_pb2_grpc as pb_grpc
@@ -109,14 +110,27 @@ def test_every_call_needs_the_api_key(live: LiveService, metadata: tuple) -> Non
         lambda: reflect(live.channel, reflection_pb2.ServerReflectionRequest(list_services=""),
                         metadata),
     ]
+    refused_before = unauthenticated_generates(live)
     for call in calls:
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "API key" in info.value.details()
+    # Counted like any Generate outcome (the other calls are not requests).
+    assert unauthenticated_generates(live) == refused_before + 1
     # Health stays open: probes and load balancers cannot send credentials.
     health = health_pb2_grpc.HealthStub(live.channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+
+
+def unauthenticated_generates(live: LiveService) -> float:
+    with urllib.request.urlopen(live.metrics_url, timeout=10) as r:
+        for family in text_string_to_metric_families(r.read().decode()):
+            for s in family.samples:
+                if (s.name == "pdserve_requests_total"
+                        and s.labels.get("code") == "UNAUTHENTICATED"):
+                    return s.value
+    return 0.0
 
 
 def test_cli_info_and_generate(live: LiveService, capsys: pytest.CaptureFixture[str]) -> None:
