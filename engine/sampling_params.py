@@ -12,9 +12,10 @@ MAX_LOGPROBS = 20
 
 # The sampler computes in fp32. A temperature of 1e-300 is 0 there, and logits / 0 is
 # inf/NaN: the draw then lands outside the vocabulary. Below 0.01 a temperature is
-# greedy in all but name (a logit gap of 0.2 is already a factor e^20), so the
-# positive range starts there and 0 stays the one way to ask for greedy. 0.01 also
-# keeps logits / temperature finite for any logit below ~3e36.
+# greedy in all but name (a logit gap of 0.2 is already a factor e^20), so a positive
+# temperature below it is stored as 0 and decoded greedily, as OpenAI's API and vLLM
+# answer one (refusing it broke clients that send 0.001 to mean "deterministic").
+# 0.01 also keeps logits / temperature finite for any logit below ~3e36.
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 # repetition_penalty divides or multiplies logits: far outside [0.01, 100] it only
@@ -23,6 +24,19 @@ MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
+# Errors quote the value they refuse; a client's value can be a 300-digit integer or a
+# megabyte of text, which belongs neither in a response nor in a log line.
+SHOWN_CHARS = 40
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message quotes it (strings in quotes): at most SHOWN_CHARS
+    characters, an ellipsis marking the cut."""
+    try:
+        text = repr(value) if isinstance(value, str) else str(value)
+    except ValueError:  # an int past str()'s 4300-digit limit
+        text = "an integer of over 4300 digits"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 class SamplingParamsError(ValueError):
@@ -42,8 +56,9 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature: 0 means greedy (argmax); otherwise in [0.01, 100], dividing the logits
-        before sampling (values between 0 and 0.01 are rejected: see MIN_TEMPERATURE).
+    temperature: 0 means greedy (argmax); otherwise in (0, 100], dividing the logits
+        before sampling. Values below 0.01 are greedy too and are stored as 0 (see
+        MIN_TEMPERATURE).
     top_k: keep the k most likely tokens; 0 (or -1) disables.
     top_p: keep the smallest set whose probability mass reaches top_p; 1 disables.
     min_p: drop tokens whose probability is below min_p * p(max); 0 disables.
@@ -93,6 +108,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         self._validate()
+        if self.temperature < MIN_TEMPERATURE:  # 0, or too small to divide by in fp32
+            object.__setattr__(self, "temperature", 0.0)
 
     def _validate(self) -> None:
         def bad(name: str, msg: str) -> SamplingParamsError:
@@ -103,27 +120,26 @@ class SamplingParams:
         for name in ("top_k", "max_tokens", "resumed_output_tokens"):
             _check_int(name, getattr(self, name))
         t = self.temperature
-        if t != 0.0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
-            raise bad("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, "
-                      f"{MAX_TEMPERATURE:g}], got {t}")
+        if not 0.0 <= t <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {shown(t)}")
         if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+            raise bad("top_p", f"must be in (0, 1], got {shown(self.top_p)}")
         if self.top_k < -1:
-            raise bad("top_k", f"must be >= 0 (or -1 to disable), got {self.top_k}")
+            raise bad("top_k", f"must be >= 0 (or -1 to disable), got {shown(self.top_k)}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
+            raise bad("min_p", f"must be in [0, 1], got {shown(self.min_p)}")
         rp = self.repetition_penalty
         if not MIN_REPETITION_PENALTY <= rp <= MAX_REPETITION_PENALTY:
             raise bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, "
-                      f"{MAX_REPETITION_PENALTY:g}], got {rp}")
+                      f"{MAX_REPETITION_PENALTY:g}], got {shown(rp)}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
+                raise bad(name, f"must be in [-2, 2], got {shown(getattr(self, name))}")
         if self.max_tokens < 1:
-            raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+            raise bad("max_tokens", f"must be >= 1, got {shown(self.max_tokens)}")
         if self.resumed_output_tokens < 0:
             raise bad("resumed_output_tokens", f"must be >= 0, got "
-                      f"{self.resumed_output_tokens}")
+                      f"{shown(self.resumed_output_tokens)}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -132,9 +148,9 @@ class SamplingParams:
         if any(t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "token ids must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {shown(self.logprobs)}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise bad("seed", f"must be in [0, 2^63), got {self.seed}")
+            raise bad("seed", f"must be in [0, 2^63), got {shown(self.seed)}")
 
     @property
     def greedy(self) -> bool:
@@ -158,9 +174,9 @@ def _check_finite(name: str, value: object) -> None:
     except OverflowError:  # an int too large for a float
         finite = False
     if not finite:
-        raise SamplingParamsError(name, f"must be a finite number, got {value}")
+        raise SamplingParamsError(name, f"must be a finite number, got {shown(value)}")
 
 
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SamplingParamsError(name, f"must be an integer, got {value!r}")
+        raise SamplingParamsError(name, f"must be an integer, got {shown(value)}")

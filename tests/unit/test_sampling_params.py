@@ -12,6 +12,7 @@ from engine.sampling_params import (
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
+    SHOWN_CHARS,
     SamplingParams,
     SamplingParamsError,
 )
@@ -46,13 +47,24 @@ def test_integer_fields_reject_non_integers(name: str, value: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [1e-300, 5e-324, 1e-46, MIN_TEMPERATURE / 2, math.nextafter(MIN_TEMPERATURE, 0),
-              math.nextafter(MAX_TEMPERATURE, math.inf), -MIN_TEMPERATURE, -0.5],
+    "value", [math.nextafter(MAX_TEMPERATURE, math.inf), 1e300, -MIN_TEMPERATURE, -0.5,
+              -5e-324],
 )
-def test_temperatures_that_vanish_or_explode_in_fp32_are_rejected(value: float) -> None:
-    with pytest.raises(SamplingParamsError, match=r"must be 0 \(greedy\) or in") as e:
+def test_negative_and_exploding_temperatures_are_rejected(value: float) -> None:
+    with pytest.raises(SamplingParamsError, match=r"must be in \[0, 100\]") as e:
         SamplingParams(temperature=value)
     assert e.value.field == "temperature"
+
+
+@pytest.mark.parametrize(
+    "value", [1e-300, 5e-324, 1e-46, 0.001, MIN_TEMPERATURE / 2,
+              math.nextafter(MIN_TEMPERATURE, 0)],
+)
+def test_a_positive_temperature_too_small_for_fp32_is_greedy(value: float) -> None:
+    # OpenAI's API and vLLM take temperature=0.001 as (near-)greedy; 0 in fp32 would be a
+    # division by zero, so it is stored as 0 and never reaches the sampler's division.
+    p = SamplingParams(temperature=value)
+    assert p.greedy and p.temperature == 0.0
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, MIN_TEMPERATURE, 0.7, MAX_TEMPERATURE])
@@ -60,7 +72,7 @@ def test_temperature_range_edges_are_accepted(value: float) -> None:
     assert SamplingParams(temperature=value).temperature == value
 
 
-def test_only_zero_temperature_is_greedy() -> None:
+def test_temperatures_from_the_minimum_up_sample() -> None:
     assert SamplingParams(temperature=0.0).greedy
     assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
 
@@ -113,3 +125,18 @@ def test_numpy_scalars_are_numbers() -> None:
     np = pytest.importorskip("numpy")
     p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_tokens=np.int32(4))
     assert p.top_k == 3 and p.max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"max_tokens": -(10**300)}, "max_tokens"), ({"temperature": 10**300}, "temperature"),
+     ({"top_k": -(10**5000)}, "top_k"), ({"temperature": 10**5000}, "temperature"),
+     ({"seed": 10**300}, "seed"), ({"max_tokens": "x" * 10_000}, "max_tokens")],
+)  # fmt: skip
+def test_an_error_quotes_a_huge_value_clipped(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert e.value.field == field
+    quoted = e.value.message.rpartition("got ")[2]
+    assert len(quoted) <= SHOWN_CHARS, e.value.message
+    assert quoted.endswith("...") or quoted == "an integer of over 4300 digits"
