@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -94,6 +94,8 @@ class OpenAIApi:
                 req = await asyncio.to_thread(parse, body, self.router, default_max)
             else:
                 req = parse(body, self.router, default_max)
+        except ClientGone:  # it left before its body was in: nothing to answer or count
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as e:
             return error_response(e)
         render = Renderer(req, f"{id_prefix}-{uuid.uuid4().hex}", self.router.tokenizer)
@@ -161,17 +163,22 @@ async def _events(choices: Choices, render: Renderer) -> AsyncGenerator[bytes, N
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body; 413 past ``limit`` bytes (checked as it arrives, so a client that lies
-    about or omits Content-Length cannot make us buffer more)."""
+    about or omits Content-Length cannot make us buffer more). ClientGone if the
+    connection ends first: the client left, or the server closed it because the body
+    stalled (connections.BODY_IDLE_TIMEOUT_S, answered 408 there)."""
     too_large = HttpError(413, f"the request body exceeds {limit} bytes",
                           code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientGone from None
     return bytes(body)
 
 

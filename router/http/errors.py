@@ -2,8 +2,8 @@
 
 Typed errors get their status code in one place, router.status.status_for (the gRPC
 code); this edge maps those codes to HTTP statuses, so a new error type is one line
-there, not one line in each edge. Errors that only HTTP has (a body too large, an
-unknown model or path, bad JSON) are raised here as ``HttpError`` directly.
+there, not one line in each edge. Errors that only HTTP has (a body too large or too
+slow, an unknown model or path, bad JSON) are raised here as ``HttpError`` directly.
 
 The body is what OpenAI's API and its clients use::
 
@@ -106,3 +106,8 @@ def error_response(exc: BaseException) -> JSONResponse:
 def model_not_found(model: str) -> HttpError:
     return HttpError(404, f"The model '{model}' does not exist; GET /v1/models lists the "
                      "served one.", param="model", code="model_not_found")
+
+
+def body_timed_out(idle_s: float) -> HttpError:
+    return HttpError(408, f"the request body stalled: no bytes for {idle_s:g} s",
+                     code="request_timeout")
