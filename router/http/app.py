@@ -5,7 +5,9 @@ One call of POST /v1/chat/completions or /v1/completions::
     body (at most max_message_bytes) -> requests.parse_* (validate, tokenize: the gRPC
         API's checks) -> one router stream per choice (choices.Choices)
         -> responses.Renderer -> one JSON body, or SSE chunks when "stream": true
-    error  -> errors.error_response (status_for's code -> HTTP status, OpenAI body)
+    error  -> errors.error_response (status_for's code -> HTTP status, OpenAI body);
+        one refused before its choices start counts in pdserve_requests_total here,
+        with the gRPC code the same refusal gets there (the choices count the rest)
     client disconnects -> the choices' tasks are cancelled -> their router streams are
         closed, which aborts each request on every worker holding it (blocks freed)
 
@@ -24,16 +26,26 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Scope
 
+from engine.sampling_params import SHOWN_CHARS, shown
 from router.http.auth import ApiKeyMiddleware
 from router.http.choices import Choices, running
-from router.http.errors import HttpError, api_error, error_body, error_response
+from router.http.errors import (
+    HttpError,
+    api_error,
+    bad_body,
+    body_too_large,
+    error_body,
+    error_response,
+)
 from router.http.requests import ApiRequest, parse_chat, parse_completion, served_model
 from router.http.responses import Renderer
 from router.http.sse import DONE, ClientGone, EventStream, event, until_disconnect
@@ -44,6 +56,7 @@ if TYPE_CHECKING:
     from router.metrics import Metrics
 
 HEALTH_PATHS = frozenset({"/health", "/ready"})
+GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # counted in metrics
 CLIENT_CLOSED = 499  # nginx's code for "the client went away"; nobody reads it
 # A body this large is parsed and tokenized on a thread, so a huge prompt does not hold
 # up the event loop that streams everyone else's tokens (the gRPC edge does the same).
@@ -74,7 +87,8 @@ class OpenAIApi:
             Route("/ready", self.health, methods=["GET"]),
         ]
         middleware = ([Middleware(ApiKeyMiddleware, api_key=self.config.api_key,
-                                  open_paths=HEALTH_PATHS)] if self.config.api_key else [])
+                                  open_paths=HEALTH_PATHS, on_refused=self._unauthenticated)]
+                      if self.config.api_key else [])
         return Starlette(routes=routes, middleware=middleware,
                          exception_handlers={HTTPException: _routing_error})
 
@@ -97,7 +111,7 @@ class OpenAIApi:
         except ClientGone:  # it left before its body was in: nothing to answer or count
             return Response(status_code=CLIENT_CLOSED)
         except Exception as e:
-            return error_response(e)
+            return self._refused(e)
         render = Renderer(req, f"{id_prefix}-{uuid.uuid4().hex}", self.router.tokenizer)
         if req.stream:
             return await self._stream(request, req, render)
@@ -123,6 +137,22 @@ class OpenAIApi:
             return error_response(e)
         return EventStream(_events(choices, render), on_close=choices.close)
 
+    def _refused(self, exc: Exception) -> Response:
+        """The error response of a request refused before any choice started, counted as
+        the gRPC edge counts a call it refuses (a bad request is INVALID_ARGUMENT there
+        too); the code is one of grpc.StatusCode's names, never the client's text."""
+        err = api_error(exc)
+        if self.metrics is not None and err.grpc_code is not None:
+            self.metrics.count_request("error", err.grpc_code.name)
+        return error_response(err)
+
+    def _unauthenticated(self, scope: Scope) -> None:
+        """A generation call refused for its API key counts as UNAUTHENTICATED, as a
+        refused gRPC Generate call does (other routes are not requests to count)."""
+        if (self.metrics is not None and scope["method"] == "POST"
+                and scope["path"] in GENERATE_PATHS):
+            self.metrics.count_request("error", grpc.StatusCode.UNAUTHENTICATED.name)
+
     # -- models and health --------------------------------------------------------------
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
@@ -130,7 +160,7 @@ class OpenAIApi:
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name != served_model(self.router):
-            return error_response(HttpError(404, f"The model '{name}' does not exist.",
+            return error_response(HttpError(404, f"The model {shown(name)} does not exist.",
                                             param="model", code="model_not_found"))
         return JSONResponse(self._model_card())
 
@@ -166,17 +196,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     about or omits Content-Length cannot make us buffer more). ClientGone if the
     connection ends first: the client left, or the server closed it because the body
     stalled (connections.BODY_IDLE_TIMEOUT_S, answered 408 there)."""
-    too_large = HttpError(413, f"the request body exceeds {limit} bytes",
-                          code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise body_too_large(limit)
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise too_large
+                raise body_too_large(limit)
     except ClientDisconnect:
         raise ClientGone from None
     return bytes(body)
@@ -195,15 +223,15 @@ def json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise HttpError(400, f"the request body is not valid JSON: {e}") from None
+        raise bad_body(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise HttpError(400, "the request body must be a JSON object")
+        raise bad_body("the request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(body):
         for key, value in data.items():
             if _has_lone_surrogate(value):
-                raise HttpError(400, f"{key!r} holds a string with a lone UTF-16 "
-                                "surrogate (U+D800..U+DFFF): not valid Unicode text",
-                                param=key if key.isascii() else None)
+                raise bad_body(f"{shown(key)} holds a string with a lone UTF-16 surrogate "
+                               "(U+D800..U+DFFF): not valid Unicode text",
+                               param=key if key.isascii() and len(key) <= SHOWN_CHARS else None)
     return data
 
 
@@ -226,6 +254,6 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 async def _routing_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
-               else str(exc.detail))
+    message = (f"no route {request.method} {shown(request.url.path)}"
+               if exc.status_code == 404 else str(exc.detail))
     return error_response(HttpError(exc.status_code, message))

@@ -8,6 +8,7 @@ for load balancers and probes that cannot send credentials and learn nothing fro
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -18,10 +19,16 @@ from router.status import AuthError
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]) -> None:
+    """``on_refused(scope)``: called for each request refused (the API counts refused
+    generation calls in pdserve_requests_total, as the gRPC interceptor does: no route
+    of theirs ever sees them)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str],
+                 on_refused: Callable[[Scope], None] | None = None) -> None:
         self.app = app
         self._key = api_key.encode()
         self.open_paths = open_paths
+        self._on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -34,6 +41,8 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         reason = "missing" if token is None else "invalid"
+        if self._on_refused is not None:
+            self._on_refused(scope)
         response = error_response(AuthError(f"{reason} API key: send the header "
                                             "'Authorization: Bearer <key>'"))
         await response(scope, receive, send)

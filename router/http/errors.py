@@ -3,7 +3,8 @@
 Typed errors get their status code in one place, router.status.status_for (the gRPC
 code); this edge maps those codes to HTTP statuses, so a new error type is one line
 there, not one line in each edge. Errors that only HTTP has (a body too large or too
-slow, an unknown model or path, bad JSON) are raised here as ``HttpError`` directly.
+slow, an unknown model or path, bad JSON) are raised here as ``HttpError`` directly,
+each with the gRPC code of the nearest gRPC failure, which metrics count by.
 
 The body is what OpenAI's API and its clients use::
 
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import grpc
 from starlette.responses import JSONResponse
 
+from engine.sampling_params import shown
 from router.status import status_for
 
 # 429 and 503 are "come back later". Unless the router says how long (an error with
@@ -104,8 +106,21 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 def model_not_found(model: str) -> HttpError:
-    return HttpError(404, f"The model '{model}' does not exist; GET /v1/models lists the "
-                     "served one.", param="model", code="model_not_found")
+    return HttpError(404, f"The model {shown(model)} does not exist; GET /v1/models lists "
+                     "the served one.", param="model", code="model_not_found",
+                     grpc_code=grpc.StatusCode.NOT_FOUND)
+
+
+def bad_body(message: str, param: str | None = None) -> HttpError:
+    """A body that is not a JSON object the API can read (INVALID_ARGUMENT on gRPC,
+    where a message that does not parse is refused the same way)."""
+    return HttpError(400, message, param=param, grpc_code=grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def body_too_large(limit: int) -> HttpError:
+    # gRPC refuses a message over its size limit with RESOURCE_EXHAUSTED.
+    return HttpError(413, f"the request body exceeds {limit} bytes", code="request_too_large",
+                     grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def body_timed_out(idle_s: float) -> HttpError:

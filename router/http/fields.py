@@ -11,6 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.sampling_params import shown
+
+# JSON integers are unbounded; OpenAI's and vLLM's integer fields are 64-bit. Bounding
+# them here keeps 300-digit numbers out of the range checks (and their messages).
+INT64_MIN, INT64_END = -(2**63), 2**63
 
 
 def _type_name(v: Any) -> str:
@@ -24,7 +29,10 @@ def number(body: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise InvalidRequestError(name, f"must be a number, got {_type_name(v)}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an integer past float's range: 1e309 written out
+        raise InvalidRequestError(name, f"must be a finite number, got {shown(v)}") from None
 
 
 def integer(body: dict[str, Any], name: str) -> int | None:
@@ -35,6 +43,8 @@ def integer(body: dict[str, Any], name: str) -> int | None:
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidRequestError(name, f"must be an integer, got {_type_name(v)}")
+    if not INT64_MIN <= v < INT64_END:
+        raise InvalidRequestError(name, f"must be a 64-bit integer, got {shown(v)}")
     return v
 
 
@@ -78,10 +88,11 @@ def stop_strings(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:
 
 
 def token_ids(v: Any) -> list[int] | None:
-    """``v`` as a list of token ids, or None if it is not a non-empty array of integers
-    (the caller decides whether something else is acceptable there)."""
+    """``v`` as a list of token ids, or None if it is not a non-empty array of 64-bit
+    integers (the caller decides whether something else is acceptable there; the
+    vocabulary check comes later)."""
     if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool)
-                                         for t in v):
+                                         and INT64_MIN <= t < INT64_END for t in v):
         return list(v)
     return None
 

@@ -7,6 +7,12 @@ only reads the JSON (types, shapes) and renames the field in an error to the nam
 client sent (``max_completion_tokens``, ``messages``, ``top_logprobs``), so a 400
 carries an OpenAI ``param``.
 
+Order: every check that costs little (the model, refused fields, n and the number of
+prompts, the sampling values, the number of chat messages) runs before anything is
+tokenized or rendered through the chat template, so a request refused anyway costs no
+tokenizer time: a body of half a million prompts or messages fits the body cap, and
+the template holds the GIL while it renders.
+
 Choices: a request asks for ``n`` choices of each prompt (completions take several
 prompts); every choice is its own router request, run in parallel. A seeded request's
 choice j samples with seed + j, so choice 0 is what the same request with n=1 gives
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling_params import SamplingParams, SamplingParamsError, shown
 from engine.tokenizer import CHAT_ROLES
 from router import wire
 from router.http import fields
@@ -34,8 +40,12 @@ MAX_CHOICES = 64  # prompts x n: each is a router request, bounded like a client
 SEED_MODULUS = 2**63  # SamplingParams' seed range
 
 # Fields that would change the answer if honoured, with the value that means "off".
+# Without tools there is nothing to choose or call: any tool_choice (or the older
+# function_call) but "none" asks for what this server cannot give, "auto" included.
 CHAT_UNSUPPORTED: dict[str, Any] = {"tools": [], "functions": [], "logit_bias": {},
-                                    "response_format": {"type": "text"}}
+                                    "response_format": {"type": "text"},
+                                    "tool_choice": "none", "function_call": "none",
+                                    "modalities": ["text"]}
 COMPLETION_UNSUPPORTED: dict[str, Any] = {"echo": False, "suffix": "", "logit_bias": {},
                                           "best_of": 1}
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -60,6 +70,18 @@ class ApiRequest:
 
 
 @dataclass(frozen=True)
+class _Options:
+    """Everything a request asks but its prompts, read before any prompt is tokenized."""
+
+    n: int
+    params: SamplingParams  # max_tokens: the client's, else 1 until a prompt's room is known
+    explicit_max: bool  # the client set max_tokens (else: the default, capped by the room)
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+@dataclass(frozen=True)
 class _Names:
     """The client's names for the fields whose errors come from shared validation."""
 
@@ -80,13 +102,6 @@ def served_model(router: Router) -> str:
 def parse_chat(body: dict[str, Any], router: Router, default_max_tokens: int) -> ApiRequest:
     model = _model(body, router)
     fields.refuse(body, CHAT_UNSUPPORTED)
-    messages = _messages(body.get("messages"))
-    try:
-        tokens = router.encode_chat(messages)
-    except InvalidRequestError as e:
-        raise _renamed(e, "messages", str(e)) from None
-    except ValueError as e:  # the template rejected the conversation, e.g. its order
-        raise InvalidRequestError("messages", str(e).removeprefix("chat: ")) from None
     logprobs = bool(fields.boolean(body, "logprobs"))
     top = fields.integer(body, "top_logprobs")
     if top is not None and not logprobs:
@@ -94,53 +109,73 @@ def parse_chat(body: dict[str, Any], router: Router, default_max_tokens: int) ->
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     names = _Names("messages", max_name, "top_logprobs")
-    return _request(body, router, default_max_tokens, names, [tokens], chat=True, model=model,
-                    logprobs=(top or 0) if logprobs else None)
+    options = _options(body, names, (top or 0) if logprobs else None, num_prompts=1)
+    messages = _messages(body.get("messages"), router.max_model_len)
+    try:
+        tokens = router.encode_chat(messages)
+    except InvalidRequestError as e:
+        raise _renamed(e, "messages", str(e)) from None
+    except ValueError as e:  # the template rejected the conversation, e.g. its order
+        raise InvalidRequestError("messages", str(e).removeprefix("chat: ")) from None
+    return _request(router, default_max_tokens, names, [tokens], options, chat=True,
+                    model=model)
 
 
 def parse_completion(body: dict[str, Any], router: Router, default_max_tokens: int
                      ) -> ApiRequest:
     model = _model(body, router)
     fields.refuse(body, COMPLETION_UNSUPPORTED)
-    prompts = _prompts(body.get("prompt"), router)
     names = _Names("prompt", "max_tokens", "logprobs")
-    return _request(body, router, default_max_tokens, names, prompts, chat=False,
-                    model=model, logprobs=fields.integer(body, "logprobs"))
+    prompt = body.get("prompt")
+    options = _options(body, names, fields.integer(body, "logprobs"),
+                       num_prompts=_num_prompts(prompt))
+    prompts = _prompts(prompt, router)
+    return _request(router, default_max_tokens, names, prompts, options, chat=False,
+                    model=model)
 
 
 # -- shared ---------------------------------------------------------------------------------
-def _request(body: dict[str, Any], router: Router, default_max_tokens: int, names: _Names,
-             prompts: list[list[int]], *, chat: bool, model: str, logprobs: int | None
-             ) -> ApiRequest:
+def _options(body: dict[str, Any], names: _Names, logprobs: int | None, num_prompts: int
+             ) -> _Options:
     fields.string(body, "user")  # accepted (clients send it for abuse tracking), not used
     n = fields.integer(body, "n")
     n = 1 if n is None else n
     if not 1 <= n <= MAX_N:
-        raise InvalidRequestError("n", f"must be in [1, {MAX_N}], got {n}")
-    if n * len(prompts) > MAX_CHOICES:
-        raise InvalidRequestError("n", f"prompts x n must be at most {MAX_CHOICES}, got "
-                                  f"{len(prompts)} x {n}")
-    sampling = _sampling(body, names, logprobs)
+        raise InvalidRequestError("n", f"must be in [1, {MAX_N}], got {shown(n)}")
+    if n * num_prompts > MAX_CHOICES:
+        raise InvalidRequestError("prompt" if num_prompts > MAX_CHOICES else "n",
+                                  f"prompts x n must be at most {MAX_CHOICES}, got "
+                                  f"{num_prompts} x {n}")
     explicit_max = fields.integer(body, names.max_tokens)
+    params = _params(_sampling(body, names, logprobs),
+                     1 if explicit_max is None else explicit_max, names)
+    stream = bool(fields.boolean(body, "stream"))
+    stream_options = fields.obj(body, "stream_options") or {}
+    if stream_options and not stream:  # vLLM's rule too: it would be silently ignored
+        raise InvalidRequestError("stream_options", "only allowed when stream is true")
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise InvalidRequestError("stream_options.include_usage", "must be a boolean")
+    return _Options(n=n, params=params, explicit_max=explicit_max is not None, stream=stream,
+                    include_usage=stream and include_usage, logprobs=logprobs is not None)
+
+
+def _request(router: Router, default_max_tokens: int, names: _Names,
+             prompts: list[list[int]], options: _Options, *, chat: bool, model: str
+             ) -> ApiRequest:
     choices: list[Choice] = []
     for p, tokens in enumerate(prompts):
         room = wire.output_room(router, len(tokens), names.prompt)
-        max_tokens = explicit_max if explicit_max is not None else min(default_max_tokens,
-                                                                        room)
-        params = _params(sampling, max_tokens, names)
+        params = options.params if options.explicit_max else dataclasses.replace(
+            options.params, max_tokens=min(default_max_tokens, room))
         try:
             router.validate(tokens, params)
         except InvalidRequestError as e:
             raise _renamed(e, names.of(e.field), str(e)) from None
-        for j in range(n):
+        for j in range(options.n):
             choices.append(Choice(len(choices), p, tokens, _seeded(params, j)))
-    stream = bool(fields.boolean(body, "stream"))
-    options = fields.obj(body, "stream_options") or {}
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise InvalidRequestError("stream_options.include_usage", "must be a boolean")
-    return ApiRequest(chat=chat, model=model, choices=tuple(choices), stream=stream,
-                      include_usage=stream and include_usage, logprobs=logprobs is not None)
+    return ApiRequest(chat=chat, model=model, choices=tuple(choices), stream=options.stream,
+                      include_usage=options.include_usage, logprobs=options.logprobs)
 
 
 def _sampling(body: dict[str, Any], names: _Names, logprobs: int | None) -> dict[str, Any]:
@@ -152,10 +187,16 @@ def _sampling(body: dict[str, Any], names: _Names, logprobs: int | None) -> dict
         v = fields.number(body, name)
         if v is not None:
             kw[name] = v
-    for name in ("top_k", "seed"):
-        v = fields.integer(body, name)
-        if v is not None:
-            kw[name] = v
+    top_k = fields.integer(body, "top_k")
+    if top_k is not None:
+        kw["top_k"] = top_k
+    seed = fields.integer(body, "seed")
+    if seed is not None:
+        # OpenAI's and vLLM's seeds are signed 64-bit; the sampler's are [0, 2^63).
+        # Folding modulo 2^63 keeps every seed >= 0 as it was and gives each negative
+        # one a fixed seed of its own (s + 2^63): the same seed, the same tokens. (2^64
+        # seeds into 2^63: each negative seed draws as one large positive one does.)
+        kw["seed"] = seed % SEED_MODULUS
     ignore_eos = fields.boolean(body, "ignore_eos")
     if ignore_eos is not None:
         kw["ignore_eos"] = ignore_eos
@@ -192,11 +233,18 @@ def _model(body: dict[str, Any], router: Router) -> str:
     return served
 
 
-def _messages(v: Any) -> list[dict[str, str]]:
+def _messages(v: Any, max_model_len: int) -> list[dict[str, str]]:
     """OpenAI chat messages -> the tokenizer's {"role", "content"} dicts. Content is a
     string or an array of text parts (joined by newlines); other parts are refused."""
     if not isinstance(v, list) or not v:
         raise InvalidRequestError("messages", "must be a non-empty array of messages")
+    # Every message takes at least one token of the context (its role marker), so more
+    # messages than the context has tokens can never fit; refusing them here spares the
+    # chat template, which would hold the GIL for seconds rendering 200,000 of them.
+    if len(v) > max_model_len:
+        raise InvalidRequestError("messages", f"{len(v)} messages cannot fit the model's "
+                                  f"context of {max_model_len} tokens (each message takes "
+                                  "at least one)")
     out = []
     for i, m in enumerate(v):
         where = f"messages[{i}]"
@@ -205,7 +253,7 @@ def _messages(v: Any) -> list[dict[str, str]]:
         role = m.get("role")
         role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in CHAT_ROLES:
-            raise InvalidRequestError(f"{where}.role", f"unknown role {m.get('role')!r}; "
+            raise InvalidRequestError(f"{where}.role", f"unknown role {shown(m.get('role'))}; "
                                       f"expected one of {', '.join(sorted(CHAT_ROLES))}")
         content = m.get("content")
         if content is None and role != "assistant":  # only a turn that called tools
@@ -229,6 +277,15 @@ def _content(v: Any, where: str) -> str:
             texts.append(part["text"])
         return "\n".join(texts)
     raise InvalidRequestError(where, "must be a string or an array of text parts")
+
+
+def _num_prompts(v: Any) -> int:
+    """How many prompts ``prompt`` holds, read from its shape without a pass over it
+    (_prompts checks the shape): an array of strings or of arrays is one prompt each,
+    a string or an array of token ids is one."""
+    if isinstance(v, list) and v and isinstance(v[0], str | list):
+        return len(v)
+    return 1
 
 
 def _prompts(v: Any, router: Router) -> list[list[int]]:

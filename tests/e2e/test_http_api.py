@@ -161,6 +161,17 @@ def test_n_choices_seeds_and_chat_logprobs(client: openai.OpenAI) -> None:
             assert bytes(entry.bytes) == entry.token.encode()
 
 
+def test_tiny_temperature_is_greedy_and_negative_seeds_reproduce(client: openai.OpenAI) -> None:
+    """OpenAI's ranges: 0.001 is greedy (fp32 cannot divide by it), and a signed seed
+    folds into the sampler's [0, 2^63) as seed mod 2^63, so -5 draws as 2^63 - 5."""
+    kw: dict[str, Any] = dict(model=MODEL, prompt="Once upon a time", max_tokens=8)
+    greedy = client.completions.create(**kw, temperature=0).choices[0].text
+    assert client.completions.create(**kw, temperature=0.001).choices[0].text == greedy
+    texts = [client.completions.create(**kw, temperature=1.0, seed=seed).choices[0].text
+             for seed in (-5, -5, 2**63 - 5)]
+    assert texts[0] == texts[1] == texts[2]
+
+
 def test_completion_logprobs(client: openai.OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0,
                                     max_tokens=6, logprobs=2)
@@ -194,6 +205,9 @@ def test_stop_strings(client: openai.OpenAI) -> None:
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
 ])
 def test_bad_parameter_is_400_naming_it(client: openai.OpenAI, body: dict[str, Any],
                                         param: str) -> None:
