@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -181,7 +182,8 @@ class WorkerRegistry:
             "starting a replacement")
         log.warning("worker %s%s lost (%s); %s", h.worker_id, node, why, then)
         self.start_replacement(h.role)
-        self._spawn_task(self._count_loss(h))
+        if not self.replacing_stopped:  # (its GCS query would only wait on a dead GCS)
+            self._spawn_task(self._count_loss(h))
         self._spawn_task(self._notify())
 
     async def _count_loss(self, h: WorkerHandle) -> None:
@@ -195,7 +197,7 @@ class WorkerRegistry:
             with contextlib.suppress(Exception):  # the GCS unreachable: keep the default
                 until = asyncio.get_running_loop().time() + LOSS_VERDICT_S
                 while True:
-                    nodes = await asyncio.to_thread(ray.nodes)
+                    nodes = await ray_nodes()
                     if h.node.node_id not in {n["NodeID"] for n in nodes if n.get("Alive")}:
                         reason = "node_lost"
                         break
@@ -211,7 +213,7 @@ class WorkerRegistry:
         while True:
             await asyncio.sleep(CAPACITY_POLL_S)
             try:
-                nodes = await asyncio.to_thread(ray.nodes)
+                nodes = await ray_nodes()
             except Exception:  # the GCS unreachable for a moment: judge next time
                 log.debug("ray.nodes() failed", exc_info=True)
                 continue
@@ -341,3 +343,33 @@ class WorkerRegistry:
             ray.kill(h.actor, no_restart=True)
         except Exception:  # already gone
             log.debug("kill %s: already gone", h.worker_id)
+
+
+async def ray_nodes() -> list[dict[str, Any]]:
+    """``ray.nodes()`` off the event loop, on a daemon thread of its own: with the GCS
+    gone (a SIGTERM to the whole process group ends it first) the query blocks until
+    Ray ends the process, and a thread of the loop's default executor would hold up
+    the process's exit until then, where a daemon thread is simply left behind."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+
+    def query() -> None:
+        nodes, error = None, None
+        try:
+            nodes = ray.nodes()
+        except Exception as e:  # delivered to the awaiting task
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(_settle, fut, nodes, error)
+
+    threading.Thread(target=query, name="ray-nodes", daemon=True).start()
+    return await fut
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the awaiting task was cancelled meanwhile
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
