@@ -295,8 +295,9 @@ class WorkerRegistry:
                 left = until - loop.time()
                 if self._closing or not self.starting(role) or left <= 0:
                     if left <= 0 and until == deadline:  # the request's own bound ran out
-                        raise DeadlineExceeded(f"reached its deadline while it waited for "
-                                               f"a {role} worker (none is alive yet)")
+                        raise DeadlineExceeded(
+                            f"reached its deadline while it waited for a {role} worker: "
+                            + (why or "none is alive yet"))
                     raise NoWorkersError(f"no {role} worker is alive"
                                          + (f": {why}" if why else ""))
                 with contextlib.suppress(TimeoutError):

@@ -9,7 +9,7 @@ import pytest
 from engine.config import ConfigError
 from router.cli import parser
 from router.config import RouterConfig
-from router.errors import NoWorkersError
+from router.errors import DeadlineExceeded, NoWorkersError
 from router.node_resources import demand, parse_resources, unplaceable_reason
 from router.settings import settings_from_args
 from router.worker_registry import WorkerRegistry
@@ -92,7 +92,7 @@ def test_unplaceable_role_fails_new_requests_at_once_and_keeps_replaced_ones_wai
             registry.wait_live("decode", loop.time() + 0.3, fail_fast=False))
         await asyncio.sleep(0.1)
         assert not waiter.done()
-        with pytest.raises(NoWorkersError) as later:  # ... until its deadline
+        with pytest.raises(DeadlineExceeded) as later:  # ... until its deadline
             await waiter
         return str(new.value), str(later.value)
 
