@@ -214,6 +214,12 @@ class Router:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self._tokenizer("chat")
+        # Each message takes at least one token (its role marker): more than the context
+        # holds can never fit, and rendering the template for them would hold the GIL,
+        # and every other stream, for seconds. Refused before the template runs.
+        if len(messages) > self.max_model_len:
+            raise InvalidRequestError("chat.messages", f"{len(messages)} messages cannot fit "
+                                      f"the model's context of {self.max_model_len} tokens")
         self.admission.check_prompt_bytes(sum(len(m.get("content", "").encode())
                                               for m in messages))
         return tok.encode_chat(messages, add_generation_prompt=True)

@@ -875,3 +875,19 @@ def test_a_prompt_one_decode_pool_can_never_hold_goes_to_one_that_can(
         await settle(router, cluster)
         await router.shutdown()
     run(go())
+
+
+def test_a_chat_of_more_messages_than_the_context_is_refused_before_rendering(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        router = await start(cluster)
+        rendered: list[int] = []
+        monkeypatch.setattr(router.tokenizer, "encode_chat",
+                            lambda msgs, **_k: rendered.append(len(msgs)) or [1, 2])
+        many = [{"role": "user", "content": "a"}] * (router.max_model_len + 1)
+        with pytest.raises(InvalidRequestError, match="cannot fit") as e:
+            router.encode_chat(many)
+        assert e.value.field == "chat.messages" and rendered == []
+        assert router.encode_chat(many[:3]) == [1, 2] and rendered == [3]
+        await router.shutdown()
+    run(go())
