@@ -122,6 +122,7 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
     import ray
 
     from router.service import Service, print_usage
+    from router.worker_handle import WORKER_GONE, one_line
 
     rc = settings.router
     stop = asyncio.Event()
@@ -143,6 +144,10 @@ async def serve(settings: Settings, demo: bool = False, keep_serving: bool = Tru
             await _unless_stopped(service.start(), stop)
         except (OSError, KVSpecMismatch) as e:  # a taken port; workers that disagree
             print(f"pdserve serve: {e}", file=sys.stderr)
+            return 1
+        except WORKER_GONE as e:  # a worker died loading, again and again (the log has why)
+            log.error("a worker could not start", exc_info=True)
+            print(f"pdserve serve: a worker could not start: {one_line(e)}", file=sys.stderr)
             return 1
         print_usage(service)
         if demo:

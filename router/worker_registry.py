@@ -48,11 +48,12 @@ from router.errors import DeadlineExceeded, KVSpecMismatch, NoWorkersError
 from router.gpu_pairs import GpuPairs, wants_pairs
 from router.kv_spec_gate import KVSpecGate
 from router.node_resources import demand, unplaceable_reason
-from router.worker_handle import WorkerHandle
+from router.worker_handle import WORKER_GONE, WorkerHandle, one_line
 from router.worker_spawn import create_worker, worker_options
 
 log = logging.getLogger(__name__)
 REPLACE_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed replacement attempts
+START_ATTEMPTS = 3  # per worker of the first set whose process dies while it loads
 CAPACITY_POLL_S = 0.5  # while a spawn is pending: can any alive node host it?
 LOSS_VERDICT_S = 30.0  # a lost worker's node may be declared dead this long after
 
@@ -96,7 +97,7 @@ class WorkerRegistry:
         if self.pairs is not None:
             await self.pairs.create()
         roles = [r for r in self.config.roles for _ in range(self.config.num_workers(r))]
-        spawns = [asyncio.ensure_future(self.spawn(r)) for r in roles]
+        spawns = [asyncio.ensure_future(self._spawn_at_start(r)) for r in roles]
         try:
             await asyncio.gather(*spawns)
         except BaseException:
@@ -106,6 +107,22 @@ class WorkerRegistry:
                 t.cancel()
             await asyncio.gather(*spawns, return_exceptions=True)
             raise
+
+    async def _spawn_at_start(self, role: str) -> WorkerHandle:
+        """A worker of the first set; one whose process died while it loaded (Ray's
+        memory monitor, say, when deployments start at once and each sizes its pool
+        from the memory then free) is started again, START_ATTEMPTS in all. One whose
+        constructor raised is not: that would only fail again."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await self.spawn(role)
+            except WORKER_GONE as e:
+                if getattr(e, "actor_init_failed", False) or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("a %s worker died while starting (%s); starting another",
+                            role, one_line(e))
+                await asyncio.sleep(REPLACE_BACKOFF_S[attempt - 1])
+        raise AssertionError("unreachable")
 
     async def shutdown(self) -> None:
         self._closing = True

@@ -141,6 +141,7 @@ class FakeActor:
     fail_next_start: bool = False
     frozen: bool = False  # freeze(): no steps, heartbeats or answers
     ready: asyncio.Event | None = None  # held: the actor is still starting (no ping back)
+    start_error: Exception | None = None  # what its first ping raises (it died loading)
     # Raised by the next prefill (inside the worker, as a failed step or a drain would).
     fail_next_prefill: Exception | None = None
     fail_next_generate: Exception | None = None
@@ -235,6 +236,9 @@ class FakeActor:
         if self.ready is not None:
             await self.ready.wait()
         await self.thawed.wait()
+        if self.start_error is not None:
+            self.dead = True
+            raise self.start_error
         return self.worker_id
 
     async def _node(self) -> NodeInfo:
@@ -425,6 +429,8 @@ class FakeCluster:
         self.ready.set()
         # role -> the KV spec its actors made from now on report (default: SPEC)
         self.kv_specs: dict[str, KVSpec] = {}
+        # role -> errors the next actors of that role die of while loading, one each
+        self.start_errors: dict[str, list[Exception]] = {}
 
     def actor_class(self, role: str) -> Any:
         cluster = self
@@ -436,8 +442,10 @@ class FakeCluster:
 
             @staticmethod
             def remote(config: Any) -> FakeActor:
+                errors = cluster.start_errors.get(role) or [None]
                 a = FakeActor(config.worker_id, role, journal=cluster.journal,
-                              ready=cluster.ready, kv_layout=cluster.kv_specs.get(role, SPEC))
+                              ready=cluster.ready, kv_layout=cluster.kv_specs.get(role, SPEC),
+                              start_error=errors.pop(0))
                 cluster.actors.append(a)
                 return a
         return _Cls

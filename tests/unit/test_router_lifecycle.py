@@ -586,3 +586,27 @@ def test_a_server_shutting_down_says_so_whatever_its_kv_queue(cluster: FakeClust
         router.placement.waiting = 0
         await router.shutdown()
     run(go())
+
+
+def test_a_worker_that_dies_while_starting_is_started_again(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while it loads (Ray's memory monitor, when deployments start at once), a
+    worker of the first set is started again; one whose constructor raised is not."""
+    monkeypatch.setattr("router.worker_registry.REPLACE_BACKOFF_S", (0.0, 0.0))
+
+    async def go() -> None:
+        cluster.start_errors["decode"] = [
+            ray.exceptions.OutOfMemoryError("1 worker(s) were killed"),
+            ray.exceptions.ActorDiedError()]
+        router = await start(cluster)
+        assert [a.dead for a in cluster.actors if a.role == "decode"] == [True, True, False]
+        toks, _ = await collect(router)
+        assert toks == expected(PROMPT, 12)
+        await router.shutdown()
+        cluster.start_errors["decode"] = [
+            ray.exceptions.RayActorError(error_msg="ImportError: no module named x",
+                                         actor_init_failed=True)]
+        with pytest.raises(ray.exceptions.RayActorError, match="ImportError"):
+            await start(cluster)
+        assert [a.dead for a in cluster.actors if a.role == "decode"][-1]
+    run(go())
