@@ -315,6 +315,8 @@ class WorkerRegistry:
                         raise DeadlineExceeded(
                             f"reached its deadline while it waited for a {role} worker: "
                             + (why or "none is alive yet"))
+                    if self.replacing_stopped:
+                        why = "the server is shutting down (lost workers are not replaced)"
                     raise NoWorkersError(f"no {role} worker is alive"
                                          + (f": {why}" if why else ""))
                 with contextlib.suppress(TimeoutError):

@@ -419,6 +419,10 @@ def test_a_worker_lost_during_shutdown_is_not_replaced(cluster: FakeCluster) -> 
         await until(lambda: len(router.registry.live("prefill")) == 1)
         toks, final = await task  # the grace period lets it finish
         assert toks == expected(PROMPT, 300) and final.finish_reason == "length"
+        cluster.live("prefill")[0].die()  # the last: nothing to place a request on now
+        await until(lambda: not router.registry.live("prefill"))
+        with pytest.raises(NoWorkersError, match="shutting down"):
+            await router.registry.wait_live("prefill", asyncio.get_running_loop().time() + 5)
         await stopping
         assert len(cluster.actors) == made  # nothing new was started
     run(go())
