@@ -136,8 +136,14 @@ class PrefillWorker(WorkerBase):
         return await self._call(lambda _e: send())
 
     async def abort(self, request_id: str) -> bool:
-        """Cancel a prefill; its blocks return to the pool. True if it was here. A
-        prefill for it that arrives later is refused (runtime/aborted_ids.py)."""
+        """Cancel a prefill; its blocks return to the pool. True if a prefill of it was
+        under way. A prefill for it that arrives later is refused (runtime/aborted_ids.py).
+
+        The answer means "no KV of it will be sent from now on" (the router frees the
+        decode side's reservation once it has it): at once unless a send is under way,
+        since a prefill checks ``aborted`` before it starts one. The engine drops the
+        request at its next step boundary, which a long prompt's step may keep away for
+        many seconds: not waited for, so the decode reservation is not held that long."""
         self.aborted.add(request_id)
         send = self._sending.get(request_id)
         if send is not None:
@@ -150,15 +156,16 @@ class PrefillWorker(WorkerBase):
                 await asyncio.wait_for(send.done.wait(), self.config.transfer_timeout_s)
             return True
 
-        def do(engine: LLMEngine) -> bool:
+        def do(engine: LLMEngine) -> None:
             if not engine.has_request(request_id):
-                return False
+                return
             out = engine.abort(request_id)
             if out is not None and self._aloop is not None:
                 self._aloop.call_soon_threadsafe(self._resolve, out, [])
-            return True
 
-        return await self._call(do)
+        # Commands run in order: a later pool_state() (or prefill) sees it done.
+        self.loop.call(do).add_done_callback(_log_failure)
+        return request_id in self._pending
 
 
 class _Send:
@@ -171,4 +178,4 @@ class _Send:
 
 def _log_failure(fut: Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        log.error("releasing a prefill's blocks failed: %r", fut.exception())
+        log.error("releasing or aborting a prefill failed: %r", fut.exception())

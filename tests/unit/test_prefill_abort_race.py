@@ -6,6 +6,7 @@ cuda-ipc a send after that would write into blocks another request may own by th
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -62,4 +63,39 @@ def test_an_abort_between_the_last_step_and_the_send_stops_the_send() -> None:
         assert answered == [True] and sent == []
         assert worker.engine.pool.num_free_blocks == worker.engine.num_usable_blocks
     finally:
+        worker.shutdown()
+
+
+def test_an_abort_answers_without_waiting_for_a_long_step() -> None:
+    """A long prompt's step can take many seconds on a CPU; the decode side's
+    reservation is freed only once the prefill worker answers the abort, so the answer
+    must not wait for the step boundary -- only for a send under way."""
+    worker = PrefillWorker(CFG)
+    sent: list[str] = []
+    worker.sender.send = lambda *a: sent.append(a[-1])  # type: ignore[method-assign]
+    step_may_end, step_ended = threading.Event(), threading.Event()
+
+    async def go() -> tuple[bool, bool]:
+        task = PrefillTask("r@k.1", list(range(1, 30)), SamplingParams(max_tokens=8),
+                           Endpoint("ray", "decode-t", worker.kv_spec()), [1, 2, 3, 4, 5])
+        def long_step(_e: object) -> None:  # the engine is in a long step
+            step_may_end.wait(10)
+            step_ended.set()
+
+        worker.loop.call(long_step)
+        prefill = asyncio.ensure_future(worker.prefill(task))
+        await asyncio.sleep(0)  # the prefill has queued its request behind that step
+        answer = await asyncio.wait_for(worker.abort("r@k.1"), 30)
+        engine_still_busy = not step_ended.is_set()
+        step_may_end.set()
+        with pytest.raises(PrefillAborted):
+            await asyncio.wait_for(prefill, 30)
+        return answer, engine_still_busy
+
+    try:
+        answer, engine_still_busy = asyncio.run(go())
+        assert answer and engine_still_busy and sent == []
+        assert worker.engine.pool.num_free_blocks == worker.engine.num_usable_blocks
+    finally:
+        step_may_end.set()
         worker.shutdown()
