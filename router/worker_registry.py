@@ -113,16 +113,16 @@ class WorkerRegistry:
         memory monitor, say, when deployments start at once and each sizes its pool
         from the memory then free) is started again, START_ATTEMPTS in all. One whose
         constructor raised is not: that would only fail again."""
-        for attempt in range(1, START_ATTEMPTS + 1):
+        for backoff in REPLACE_BACKOFF_S[:START_ATTEMPTS - 1]:
             try:
                 return await self.spawn(role)
             except WORKER_GONE as e:
-                if getattr(e, "actor_init_failed", False) or attempt == START_ATTEMPTS:
+                if getattr(e, "actor_init_failed", False):
                     raise
                 log.warning("a %s worker died while starting (%s); starting another",
                             role, one_line(e))
-                await asyncio.sleep(REPLACE_BACKOFF_S[attempt - 1])
-        raise AssertionError("unreachable")
+                await asyncio.sleep(backoff)
+        return await self.spawn(role)  # the last attempt: its error is the start's
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -319,8 +319,7 @@ class WorkerRegistry:
                         why = "the server is shutting down (lost workers are not replaced)"
                     raise NoWorkersError(f"no {role} worker is alive"
                                          + (f": {why}" if why else ""))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+                await self._changed_within(left)
 
     async def wait_for_another(self, role: str, h: WorkerHandle, timeout_s: float) -> bool:
         """Whether a worker of ``role`` other than ``h`` takes requests within
@@ -334,13 +333,17 @@ class WorkerRegistry:
                 left = until - loop.time()
                 if left <= 0 or self._closing or not self.starting(role):
                     return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+                await self._changed_within(left)
 
     def why_not_placeable(self, role: str) -> str | None:
         """Why a worker of ``role`` cannot come up as things stand (no alive node can
         host it, or its last replacement was refused), else None."""
         return self.unplaceable.get(role) or self.refused.get(role)
+
+    async def _changed_within(self, timeout_s: float) -> None:
+        """Wait (holding ``_changed``) until the workers change or ``timeout_s`` passes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
 
     async def _notify(self) -> None:
         async with self._changed:
